@@ -1,0 +1,178 @@
+"""The acquirer: where payments start.
+
+* HTTP API: ``POST /inquiries``, ``POST /payments``, ``POST /payments/{id}/reversal``,
+  ``GET /transactions/{id}``. Each builds a MACed 0200/0420, records it, sends it to
+  the gateway over one persistent multiplexed connection and maps the answer to JSON.
+* A terminal listener (ISO-8583): terminals that MAC and PIN-encrypt themselves pass
+  through it to the gateway; requests and answers are relayed unchanged.
+
+HTTP statuses: 200 for every answered transaction (a decline is an answer), 404 for an
+unknown id, 422 for a bad body, 503 (code 91) when the gateway cannot be reached, 504
+(code 68) when it did not answer in time: the outcome of such a payment is unknown and
+it is recorded as ``unknown`` (the gateway journals its side too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from acquirer.api import BodyError, InquiryBody, PaymentBody, parse_body
+from acquirer.builder import RequestBuilder, Terminal
+from acquirer.store import TransactionStore
+from gateway.journal import status_of
+from hsm.keyfile import KeyFile, load_key_file
+from shared import codec
+from shared.codes import RC, describe
+from shared.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from shared.http import json_error
+from shared.messages import (
+    MTI_ADVICE,
+    MTI_FINANCIAL,
+    MTI_NETWORK,
+    MTI_REVERSAL,
+    Message,
+    make_response,
+    match_key,
+)
+from shared.service import IsoFrame, IsoService, decode_iso_keyed
+from shared.settings import Settings
+
+
+class AcquirerService(IsoService):
+    """HTTP API and terminal pass-through in front of the gateway."""
+
+    name = "acquirer"
+    migrations = "acquirer:migrations"
+    request_mtis = (MTI_FINANCIAL, MTI_ADVICE, MTI_REVERSAL, MTI_NETWORK)
+
+    def __init__(self, settings: Settings, keys: KeyFile | None = None) -> None:
+        super().__init__(settings)
+        keys = keys or load_key_file(settings.key_file)
+        self.builder = RequestBuilder(
+            Terminal(
+                acquirer_id=settings.acquirer_institution,
+                terminal_id=settings.terminal_id,
+                merchant_id=settings.merchant_id,
+                currency=settings.currency,
+                tpk=keys.keys["TPK"].clear,
+                tak=keys.keys["TAK"].clear,
+            )
+        )
+        self.gateway = self.add_link("gateway", settings.address("gateway"), decode_iso_keyed)
+        self.store: TransactionStore | None = None
+
+    def prepare_database(self, sessions: sessionmaker[Session]) -> None:
+        self.store = TransactionStore(sessions)
+
+    # -- terminal pass-through ---------------------------------------------------------------
+    async def dispatch(self, frame: IsoFrame, peer: str) -> Message:
+        msg = frame.msg
+        if msg["t"] == MTI_NETWORK:
+            return make_response(msg, RC.APPROVED)
+        try:
+            answer = await self.gateway.call(
+                frame.raw, match_key(msg), self.settings.gateway_timeout
+            )
+        except UpstreamUnavailable as exc:
+            return make_response(msg, RC.LATE_RESPONSE if exc.sent else RC.ISSUER_INOPERATIVE)
+        except UpstreamTimeout:
+            return make_response(msg, RC.LATE_RESPONSE)
+        except UpstreamError:
+            return make_response(msg, RC.DUPLICATE)
+        return answer.msg
+
+    # -- HTTP API -------------------------------------------------------------------------------
+    def routes(self) -> Sequence[BaseRoute]:
+        return [
+            Route("/inquiries", self._post_inquiry, methods=["POST"]),
+            Route("/payments", self._post_payment, methods=["POST"]),
+            Route("/payments/{tx_id}/reversal", self._post_reversal, methods=["POST"]),
+            Route("/transactions/{tx_id}", self._get_transaction, methods=["GET"]),
+        ]
+
+    async def _post_inquiry(self, request: Request) -> Response:
+        try:
+            body = await parse_body(request, InquiryBody)
+        except BodyError as exc:
+            return json_error(422, str(exc), details=exc.details)
+        return await self._transact("inquiry", self.builder.inquiry(body.bill))
+
+    async def _post_payment(self, request: Request) -> Response:
+        try:
+            body = await parse_body(request, PaymentBody)
+        except BodyError as exc:
+            return json_error(422, str(exc), details=exc.details)
+        msg = self.builder.payment(body.bill, body.amount, body.pan, body.pin)
+        return await self._transact("payment", msg)
+
+    async def _post_reversal(self, request: Request) -> Response:
+        store = self.store
+        assert store is not None
+        tx_id = request.path_params["tx_id"]
+        original = await self.in_db_thread(store.original_fields, tx_id)
+        if original is None:
+            return json_error(404, f"no payment with id {tx_id}")
+        return await self._transact("reversal", self.builder.reversal(original), tx_id)
+
+    async def _get_transaction(self, request: Request) -> Response:
+        store = self.store
+        assert store is not None
+        tx_id = request.path_params["tx_id"]
+        record = await self.in_db_thread(store.get, tx_id)
+        if record is None:
+            return json_error(404, f"no transaction with id {tx_id}")
+        return JSONResponse(record)
+
+    async def _transact(self, kind: str, msg: Message, original_id: str | None = None) -> Response:
+        """Record, send, wait, record the answer, and render it."""
+        store = self.store
+        assert store is not None
+        tx_id = await self.in_db_thread(store.open, kind, msg, original_id)
+        http_status = 200
+        details: dict[str, Any]
+        code: str
+        try:
+            answer = await self.gateway.call(
+                codec.encode(msg), match_key(msg), self.settings.gateway_timeout
+            )
+        except UpstreamUnavailable as exc:
+            code = RC.LATE_RESPONSE if exc.sent else RC.ISSUER_INOPERATIVE
+            http_status = 504 if exc.sent else 503
+            details = {"message": describe(code), "error": str(exc)}
+        except UpstreamTimeout as exc:
+            code, http_status = RC.LATE_RESPONSE, 504
+            details = {"message": describe(code), "error": str(exc)}
+        except UpstreamError as exc:
+            code = RC.DUPLICATE
+            details = {"message": describe(code), "error": str(exc)}
+        else:
+            code = answer.msg.get("39", RC.SYSTEM_MALFUNCTION)
+            details = _answer_details(answer.msg)
+            details["mac_verified"] = self.builder.response_mac_ok(answer.raw, answer.msg)
+            if not details["mac_verified"]:
+                self.log.warning("response_mac_invalid", rrn=msg["37"])
+        self.metrics.requests.labels(msg["t"], code).inc()
+        await self.in_db_thread(store.complete, tx_id, status_of(code), code, details)
+        record = await self.in_db_thread(store.get, tx_id)
+        return JSONResponse(record, status_code=http_status)
+
+
+def _answer_details(resp: Message) -> dict[str, Any]:
+    """What the API shows of a 0210/0430: code text, amount due, biller and customer."""
+    code = resp.get("39", "")
+    out: dict[str, Any] = {"message": describe(code)}
+    if "38" in resp:
+        out["approval_code"] = resp["38"]
+    if "4" in resp and resp.get("3") == "310000":
+        out["amount_due"] = int(resp["4"])
+    if "62" in resp:
+        biller, _, customer = resp["62"].partition("|")
+        out["biller"] = biller
+        out["customer"] = customer
+    return out

@@ -1,0 +1,1 @@
+"""Alembic environment of the billing database (run through :func:`shared.db.upgrade`)."""

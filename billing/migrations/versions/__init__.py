@@ -1,0 +1,1 @@
+"""Hand-written revisions of the billing schema, oldest first (alembic ignores this file)."""

@@ -1,0 +1,197 @@
+"""The biller host: answers bill inquiries, posts payments exactly once, reverses them.
+
+The ISO side is this module; the money rules live in :mod:`billing.store` (one database
+transaction per request, idempotent by the transaction's key). Database work runs in a
+worker thread, one at a time per process: SQLite has one writer anyway, and serialising
+keeps "check the key, post, store the answer" free of races on any database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.store import BillingStore, PaymentRequest, ReversalRequest
+from hsm.client import HsmClient, HsmCommandFailed, decode_hsm_keyed
+from hsm.keyfile import KeyFile, load_key_file
+from shared import crypto
+from shared.codes import RC
+from shared.errors import UpstreamError
+from shared.messages import (
+    MTI_ADVICE,
+    MTI_ADVICE_REPEAT,
+    MTI_FINANCIAL,
+    MTI_NETWORK,
+    MTI_REVERSAL,
+    MTI_REVERSAL_REPEAT,
+    PC_BILL_INQUIRY,
+    Message,
+    idempotency_key,
+    make_response,
+    original_key,
+)
+from shared.pan import PanHasher, account_number_12, mask_pan
+from shared.service import IsoFrame, IsoService
+from shared.settings import Settings
+
+
+def request_digest(msg: Mapping[str, str]) -> str:
+    """Digest of a request's business content, to tell a true repeat from a key clash.
+
+    The MTI is left out on purpose: a stand-in advice (0220) and its original payment
+    (0200) are the same transaction and must match.
+    """
+    parts = (
+        msg.get("3", ""),
+        msg.get("4", ""),
+        msg.get("48", ""),
+        msg.get("49", ""),
+        msg.get("2", ""),
+    )
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def iso_fields(recorded: Mapping[str, object]) -> dict[str, str]:
+    """ISO response fields from a recorded outcome (see :mod:`billing.store`).
+
+    Field 38 (approval code) is the posting id, six digits; field 62 names the biller and
+    the customer. Derived the same way for a first answer and for its replay, so a
+    repeated request gets a byte-identical response.
+    """
+    out: dict[str, str] = {}
+    posting_id = recorded.get("posting_id")
+    if isinstance(posting_id, int):
+        out["38"] = f"{posting_id % 1_000_000:06d}"
+    biller, name = recorded.get("biller"), recorded.get("customer_name")
+    if biller and name:
+        out["62"] = f"{biller}|{name}"[:99]
+    return out
+
+
+class BillingService(IsoService):
+    """Billing host service. See :mod:`billing.store` for the posting rules."""
+
+    name = "billing"
+    migrations = "billing:migrations"
+    request_mtis = (MTI_FINANCIAL, MTI_ADVICE, MTI_REVERSAL, MTI_NETWORK)
+
+    def __init__(self, settings: Settings, keys: KeyFile | None = None) -> None:
+        super().__init__(settings)
+        self.keys = keys or load_key_file(settings.key_file)
+        self.pan_hash = PanHasher(settings.pan_hash_key.encode())
+        self._zpk = self.keys.keys["ZPK"].under_lmk
+        self._pvk = self.keys.keys["PVK"].under_lmk
+        hsm_link = self.add_link("hsm", settings.address("hsm"), decode_hsm_keyed)
+        self.hsm = HsmClient(hsm_link, settings.hsm_timeout)
+        self.store: BillingStore | None = None
+
+    # -- set-up -------------------------------------------------------------------------------
+    def prepare_database(self, sessions: sessionmaker[Session]) -> None:
+        self.store = BillingStore(sessions)
+        pvk = self.keys.keys["PVK"].clear
+        seeded = self.store.seed_demo_data(
+            self.pan_hash, lambda pan, pvki, pin: crypto.pvv(pvk, pan, pvki, pin)
+        )
+        if seeded:
+            self.log.info("demo_data_seeded")
+
+    # -- requests -----------------------------------------------------------------------------
+    async def dispatch(self, frame: IsoFrame, peer: str) -> Message:
+        msg = frame.msg
+        mti = msg["t"]
+        try:
+            if mti == MTI_NETWORK:
+                return make_response(msg, RC.APPROVED)
+            if mti == MTI_FINANCIAL and msg["3"] == PC_BILL_INQUIRY:
+                return await self._inquiry(msg)
+            if mti == MTI_FINANCIAL:
+                return await self._payment(msg)
+            if mti in (MTI_ADVICE, MTI_ADVICE_REPEAT):
+                return await self._post(msg, mti)
+            if mti in (MTI_REVERSAL, MTI_REVERSAL_REPEAT):
+                return await self._reversal(msg)
+        except UpstreamError as exc:
+            # The HSM could not be asked: a transient malfunction, never stored, so a
+            # repeat of the same request gets a real answer later.
+            self.log.warning("hsm_unavailable", error=type(exc).__name__)
+            return make_response(msg, RC.SYSTEM_MALFUNCTION)
+        return make_response(msg, RC.INVALID_TRANSACTION)  # pragma: no cover - validated
+
+    async def _inquiry(self, msg: Message) -> Message:
+        assert self.store is not None
+        res = await self.in_db_thread(self.store.inquire, msg["48"])
+        if res.code != RC.APPROVED:
+            return make_response(msg, res.code)
+        return make_response(
+            msg,
+            res.code,
+            f4=f"{res.amount_due:012d}",
+            f49=res.currency or msg["49"],
+            f62=f"{res.biller}|{res.customer_name}"[:99],
+        )
+
+    async def _payment(self, msg: Message) -> Message:
+        store = self.store
+        assert store is not None
+        key, digest = idempotency_key(msg), request_digest(msg)
+        stored = await self.in_db_thread(store.replay, key, digest)
+        if stored is not None:
+            return make_response(msg, stored.code, **iso_fields(stored.fields))
+        pan = msg["2"]
+        card = await self.in_db_thread(store.lookup_card, self.pan_hash(pan))
+        if card is None:
+            return await self._decline(msg, key, digest, RC.NO_SUCH_CARD)
+        try:
+            pin_ok = await self.hsm.verify_pin(
+                self._zpk, self._pvk, msg["52"], account_number_12(pan), card.pvki, card.pvv
+            )
+        except HsmCommandFailed as exc:
+            if exc.error not in ("20", "23", "24"):
+                raise
+            pin_ok = False  # the PIN block does not even decrypt to a PIN
+        if not pin_ok:
+            return await self._decline(msg, key, digest, RC.WRONG_PIN)
+        return await self._post(msg, msg["t"])
+
+    async def _decline(self, msg: Message, key: str, digest: str, code: RC) -> Message:
+        assert self.store is not None
+        stored = await self.in_db_thread(
+            self.store.record_decline, key, digest, msg["t"], code.value, {}
+        )
+        return make_response(msg, stored.code, **iso_fields(stored.fields))
+
+    async def _post(self, msg: Message, mti: str) -> Message:
+        assert self.store is not None
+        pan = msg["2"]
+        req = PaymentRequest(
+            idempotency_key=idempotency_key(msg),
+            request_digest=request_digest(msg),
+            bill_number=msg["48"],
+            amount=int(msg["4"]),
+            currency=msg["49"],
+            rrn=msg["37"],
+            stan=msg["11"],
+            terminal_id=msg["41"],
+            acquirer_id=msg["32"],
+            pan_hash=self.pan_hash(pan),
+            pan_masked=mask_pan(pan),
+            mti=mti,
+        )
+        res = await self.in_db_thread(self.store.pay, req)
+        if res.replayed:
+            self.log.info("payment_replayed", rrn=msg["37"], code=res.code)
+        return make_response(msg, res.code, **iso_fields(res.fields))
+
+    async def _reversal(self, msg: Message) -> Message:
+        assert self.store is not None
+        req = ReversalRequest(
+            idempotency_key=idempotency_key(msg),
+            request_digest=request_digest(msg),
+            original_key=original_key(msg),
+            amount=int(msg["4"]),
+            mti=msg["t"],
+        )
+        res = await self.in_db_thread(self.store.reverse, req)
+        return make_response(msg, res.code)

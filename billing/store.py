@@ -1,0 +1,762 @@
+"""Posting logic of the billing host: every bill payment is posted exactly once.
+
+:class:`BillingStore` is plain synchronous code over a ``sessionmaker``; the ISO-8583 handler
+calls it from a worker thread. Each public method is one database transaction and returns a
+frozen dataclass. Business outcomes (declines) are *returned* as response codes, never raised;
+only infrastructure failures raise, as :class:`shared.db.DatabaseError`. Malformed arguments
+(an MTI the method does not handle, an over-long key) are programming errors and raise
+``ValueError``.
+
+Idempotency
+    Every request that can change something (payment, advice, reversal, a decline decided by
+    the handler) is recorded in ``processed_requests`` under its idempotency key together with
+    a digest of its business content and its first outcome, approval or decline. A repeat with
+    the same key and digest gets that outcome back (``replayed=True``) and changes nothing; the
+    same key with a different digest is answered ``94`` (duplicate transmission), which is not
+    stored, so the original answer stays replayable. The digest must therefore cover the
+    business content only, not the MTI's repeat flag (``0221`` repeating ``0220``, ``0421``
+    repeating ``0420``) nor transmission times. Inquiries change nothing and are not recorded.
+
+Concurrency
+    On SQLite write transactions start with ``BEGIN IMMEDIATE`` and are serialized. On
+    PostgreSQL the bill row is locked (``SELECT ... FOR UPDATE``) before it is checked, so two
+    different payments of one bill cannot both post; two concurrent requests with the same key
+    collide on a unique constraint, and the loser rolls back and returns the winner's stored
+    outcome. Locks are always taken bill first, then posting, so payments and reversals cannot
+    deadlock each other.
+
+Response codes (strings, from the project's response-code table): ``00`` approved, ``12``
+invalid transaction, ``13`` invalid amount, ``14`` no such card, ``25`` unable to locate
+record, ``55`` wrong PIN, ``88`` bill already paid, ``94`` duplicate transmission.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
+from typing import Final, NamedTuple, TypeVar
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing.demo_data import DEMO_BILLS, DEMO_CARDS, DEMO_CURRENCY, DEMO_CUSTOMERS, DEMO_PVKI
+from billing.models import (
+    BILL_OPEN,
+    BILL_PAID,
+    CARD_ACTIVE,
+    POSTING_POSTED,
+    POSTING_REVERSED,
+    SOURCE_ADVICE,
+    SOURCE_ONLINE,
+    Bill,
+    Card,
+    Customer,
+    Posting,
+    ProcessedRequest,
+    utcnow,
+)
+from shared.codes import RC
+from shared.db import DatabaseError, transaction
+from shared.pan import mask_pan
+
+__all__ = [
+    "ADVICE_MTIS",
+    "ONLINE_MTIS",
+    "RC_ALREADY_PAID",
+    "RC_APPROVED",
+    "RC_DUPLICATE",
+    "RC_INVALID_AMOUNT",
+    "RC_INVALID_TRANSACTION",
+    "RC_NO_SUCH_CARD",
+    "RC_UNKNOWN_BILL",
+    "RC_WRONG_PIN",
+    "REVERSAL_MTIS",
+    "REVERSED_BEFORE_POSTING",
+    "BillingStore",
+    "CardRef",
+    "InquiryResult",
+    "PaymentRequest",
+    "PaymentResult",
+    "PostingRecord",
+    "ReversalRequest",
+    "ReversalResult",
+    "StoredResponse",
+]
+
+# Plain strings (not the enum members) so they compare, serialize and bind everywhere alike.
+RC_APPROVED: Final[str] = RC.APPROVED.value
+RC_INVALID_TRANSACTION: Final[str] = RC.INVALID_TRANSACTION.value
+RC_INVALID_AMOUNT: Final[str] = RC.INVALID_AMOUNT.value
+RC_NO_SUCH_CARD: Final[str] = RC.NO_SUCH_CARD.value
+RC_UNKNOWN_BILL: Final[str] = RC.UNKNOWN_BILL.value
+RC_WRONG_PIN: Final[str] = RC.WRONG_PIN.value
+RC_ALREADY_PAID: Final[str] = RC.BILL_ALREADY_PAID.value
+RC_DUPLICATE: Final[str] = RC.DUPLICATE.value
+
+ONLINE_MTIS: Final = frozenset({"0200"})
+ADVICE_MTIS: Final = frozenset({"0220", "0221"})
+REVERSAL_MTIS: Final = frozenset({"0420", "0421"})
+
+#: ``request_digest`` of the tombstone stored under a payment's key when its reversal arrived
+#: first. It matches any digest: whatever the late payment looks like, it replays the ``12``.
+REVERSED_BEFORE_POSTING: Final = "reversed-before-posting"
+
+_MAX_KEY_LENGTH: Final = 64
+# A unique violation means a concurrent transaction won; the next attempt replays its outcome.
+# More than one retry is only needed if that winner itself rolled back in between.
+_ATTEMPTS: Final = 3
+
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------------------------
+# Results and requests
+
+
+@dataclass(frozen=True, slots=True)
+class CardRef:
+    """What the handler needs to verify a card's PIN; never the PAN itself."""
+
+    card_id: int
+    customer_id: int
+    pan_masked: str
+    pvki: str
+    pvv: str
+    #: ``"active"`` or ``"blocked"``; the handler decides what a blocked card gets.
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """An outcome recorded in ``processed_requests`` (or the ``94`` answer to a clash with one).
+
+    ``replayed`` is True when the outcome was recorded by an earlier request and is returned
+    again; False when it was recorded just now (:meth:`BillingStore.record_decline`) or for a
+    ``94``, which answers a key reused with different content and is never stored.
+    """
+
+    idempotency_key: str
+    mti: str
+    code: str
+    fields: Mapping[str, object]
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InquiryResult:
+    """Answer to a bill inquiry. Amount, currency, biller and name are None for ``25``."""
+
+    code: str
+    bill_number: str
+    amount_due: int | None
+    currency: str | None
+    biller: str | None
+    customer_name: str | None
+
+    @property
+    def approved(self) -> bool:
+        return self.code == RC_APPROVED
+
+
+def _check_key(name: str, value: str) -> None:
+    if not value or len(value) > _MAX_KEY_LENGTH:
+        raise ValueError(f"{name} must be 1..{_MAX_KEY_LENGTH} characters, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRequest:
+    """A bill payment: an online request (``0200``) or an advice (``0220``/``0221``).
+
+    ``pan_hash`` is the keyed hash of the PAN and ``pan_masked`` its masked form; the clear PAN
+    never reaches the store.
+    """
+
+    idempotency_key: str
+    request_digest: str
+    bill_number: str
+    amount: int
+    currency: str
+    rrn: str
+    stan: str
+    terminal_id: str
+    acquirer_id: str
+    pan_hash: str
+    pan_masked: str
+    mti: str
+
+    def __post_init__(self) -> None:
+        _check_key("idempotency_key", self.idempotency_key)
+        _check_key("request_digest", self.request_digest)
+        if self.mti not in ONLINE_MTIS | ADVICE_MTIS:
+            raise ValueError(f"not a payment MTI: {self.mti!r}")
+
+    @property
+    def is_advice(self) -> bool:
+        return self.mti in ADVICE_MTIS
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentResult:
+    """Outcome of :meth:`BillingStore.pay`.
+
+    ``amount`` and ``currency`` echo the request; ``amount_due``, ``biller`` and
+    ``customer_name`` describe the bill when it exists; ``posting_id`` is set for ``00`` only.
+    ``replayed`` is True when this is the stored outcome of an earlier identical request (or
+    the ``12`` tombstone of a reversal that arrived first): nothing was posted this time.
+    ``fields`` is the recorded response object itself (keys ``bill_number``, ``amount``,
+    ``currency``, ``amount_due``, ``biller``, ``customer_name``, ``posting_id`` as far as
+    known); it is empty for a ``94``.
+    """
+
+    code: str
+    bill_number: str
+    amount: int
+    currency: str
+    amount_due: int | None
+    biller: str | None
+    customer_name: str | None
+    posting_id: int | None
+    replayed: bool
+    fields: Mapping[str, object]
+
+    @property
+    def approved(self) -> bool:
+        return self.code == RC_APPROVED
+
+
+@dataclass(frozen=True, slots=True)
+class ReversalRequest:
+    """A reversal (``0420``/``0421``) of the payment whose idempotency key is ``original_key``."""
+
+    idempotency_key: str
+    request_digest: str
+    original_key: str
+    amount: int
+    mti: str
+
+    def __post_init__(self) -> None:
+        _check_key("idempotency_key", self.idempotency_key)
+        _check_key("request_digest", self.request_digest)
+        _check_key("original_key", self.original_key)
+        if self.mti not in REVERSAL_MTIS:
+            raise ValueError(f"not a reversal MTI: {self.mti!r}")
+        if self.idempotency_key == self.original_key:
+            # The reversal's replay check would return the payment's own recorded answer.
+            raise ValueError("a reversal needs a key of its own, distinct from original_key")
+
+
+@dataclass(frozen=True, slots=True)
+class ReversalResult:
+    """Outcome of :meth:`BillingStore.reverse`; ``bill_number`` and ``posting_id`` if found.
+
+    ``fields`` is the recorded response object (keys ``original_key``, ``amount`` and, when a
+    posting was found, ``bill_number`` and ``posting_id``).
+    """
+
+    code: str
+    original_key: str
+    amount: int
+    bill_number: str | None
+    posting_id: int | None
+    replayed: bool
+    fields: Mapping[str, object]
+
+    @property
+    def approved(self) -> bool:
+        return self.code == RC_APPROVED
+
+
+@dataclass(frozen=True, slots=True)
+class PostingRecord:
+    """A row of ``postings``, for tests and reconciliation."""
+
+    id: int
+    bill_number: str
+    amount: int
+    currency: str
+    idempotency_key: str
+    rrn: str
+    stan: str
+    terminal_id: str
+    acquirer_id: str
+    pan_masked: str
+    pan_hash: str
+    source: str
+    status: str
+    created_at: datetime
+    reversed_at: datetime | None
+
+
+# --------------------------------------------------------------------------------------------
+# The store
+
+
+class BillingStore:
+    """The billing host's ledger. Thread-safe: it holds no state besides the session factory.
+
+    ``clock`` returns the current time (timezone-aware UTC) for ``paid_at``/``reversed_at``;
+    tests may pin it.
+    """
+
+    def __init__(
+        self, sessions: sessionmaker[Session], *, clock: Callable[[], datetime] = utcnow
+    ) -> None:
+        self._sessions = sessions
+        self._clock = clock
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def lookup_card(self, pan_hash: str) -> CardRef | None:
+        """The card with this PAN hash, or None (the handler answers ``14``)."""
+        with _infrastructure_errors(), transaction(self._sessions, write=False) as session:
+            card = session.scalars(select(Card).where(Card.pan_hash == pan_hash)).one_or_none()
+            if card is None:
+                return None
+            return CardRef(
+                card_id=card.id,
+                customer_id=card.customer_id,
+                pan_masked=card.pan_masked,
+                pvki=card.pvki,
+                pvv=card.pvv,
+                status=card.status,
+            )
+
+    def replay(self, idempotency_key: str, request_digest: str) -> StoredResponse | None:
+        """What was answered to this key before, if anything.
+
+        Returns the stored response (``replayed=True``) if the key was seen with the same
+        digest (or is a reversed-before-posting tombstone, which matches any digest); a
+        ``94`` response (``replayed=False``, no fields) if it was seen with a different digest;
+        None if the key is new.
+        """
+        with _infrastructure_errors(), transaction(self._sessions, write=False) as session:
+            return _seen(session, idempotency_key, request_digest)
+
+    def inquire(self, bill_number: str) -> InquiryResult:
+        """``00`` with the amount due for an open bill, ``25`` unknown bill, ``88`` paid.
+
+        Not recorded in ``processed_requests``: an inquiry changes nothing.
+        """
+        with _infrastructure_errors(), transaction(self._sessions, write=False) as session:
+            row = session.execute(
+                select(Bill, Customer.name)
+                .join(Customer, Customer.id == Bill.customer_id)
+                .where(Bill.bill_number == bill_number)
+            ).one_or_none()
+            if row is None:
+                return InquiryResult(RC_UNKNOWN_BILL, bill_number, None, None, None, None)
+            bill, customer_name = row
+            code = RC_ALREADY_PAID if bill.status == BILL_PAID else RC_APPROVED
+            return InquiryResult(
+                code, bill_number, bill.amount_due, bill.currency, bill.biller, customer_name
+            )
+
+    def postings_count(self, bill_number: str | None = None) -> int:
+        """Number of postings (posted or reversed), of one bill or of all."""
+        with _infrastructure_errors(), transaction(self._sessions, write=False) as session:
+            query = select(func.count()).select_from(Posting)
+            if bill_number is not None:
+                query = query.where(Posting.bill_number == bill_number)
+            return session.scalar(query) or 0
+
+    def list_postings(self, limit: int = 100) -> list[PostingRecord]:
+        """The first ``limit`` postings, oldest first."""
+        with _infrastructure_errors(), transaction(self._sessions, write=False) as session:
+            postings = session.scalars(select(Posting).order_by(Posting.id).limit(limit))
+            return [_posting_record(p) for p in postings]
+
+    # -- writes --------------------------------------------------------------------------
+
+    def pay(self, request: PaymentRequest) -> PaymentResult:
+        """Post a payment, or decline it, exactly once per idempotency key.
+
+        In one transaction: a repeat of a recorded key returns the recorded outcome
+        (``replayed=True``, nothing posted; ``94`` if the content differs); otherwise an
+        unknown bill gives ``25``, a paid bill ``88``, an amount or currency other than the
+        bill's ``13``, and an open bill with the right amount is posted (``00``): a posting is
+        inserted and the bill marked paid. Every outcome, declines included, is recorded so a
+        repeat gets the same answer.
+
+        Advices (``0220``/``0221``) follow the same rules with ``source="advice"``. An advice
+        is a payment the gateway already approved in stand-in while billing was unreachable, so
+        a decline here (typically ``88`` because the bill was paid meanwhile through another
+        channel, or ``13``) cannot be refused back to the card holder: it is recorded like any
+        other outcome, nothing is posted, and the gateway's reconciliation of stand-in
+        approvals against billing's answers shows the mismatch for manual settlement. It is
+        never raised.
+        """
+        return _retry_on_conflict(lambda: self._pay_once(request))
+
+    def _pay_once(self, request: PaymentRequest) -> PaymentResult:
+        with transaction(self._sessions, write=True) as session:
+            seen = _seen(session, request.idempotency_key, request.request_digest)
+            if seen is not None:
+                return _payment_result(request, seen.code, seen.fields, replayed=seen.replayed)
+
+            # FOR UPDATE: a concurrent payment of the same bill waits here and then sees it paid.
+            bill = session.get(Bill, request.bill_number, with_for_update=True)
+            fields: dict[str, object] = {
+                "bill_number": request.bill_number,
+                "amount": request.amount,
+                "currency": request.currency,
+            }
+            if bill is None:
+                code = RC_UNKNOWN_BILL
+            else:
+                customer = session.get(Customer, bill.customer_id)
+                fields |= {
+                    "amount_due": bill.amount_due,
+                    "biller": bill.biller,
+                    "customer_name": customer.name if customer is not None else None,
+                }
+                if bill.status == BILL_PAID:
+                    code = RC_ALREADY_PAID
+                elif request.amount != bill.amount_due or request.currency != bill.currency:
+                    code = RC_INVALID_AMOUNT
+                else:
+                    code = RC_APPROVED
+                    fields["posting_id"] = self._post(session, request, bill)
+
+            record = _Record(request.idempotency_key, request.request_digest, request.mti)
+            stored = _record(session, record, code, fields, self._clock())
+            return _payment_result(request, code, stored, replayed=False)
+
+    def _post(self, session: Session, request: PaymentRequest, bill: Bill) -> int:
+        now = self._clock()
+        posting = Posting(
+            bill_number=bill.bill_number,
+            amount=request.amount,
+            currency=request.currency,
+            idempotency_key=request.idempotency_key,
+            rrn=request.rrn,
+            stan=request.stan,
+            terminal_id=request.terminal_id,
+            acquirer_id=request.acquirer_id,
+            pan_masked=request.pan_masked,
+            pan_hash=request.pan_hash,
+            source=SOURCE_ADVICE if request.is_advice else SOURCE_ONLINE,
+            status=POSTING_POSTED,
+            created_at=now,
+        )
+        session.add(posting)
+        bill.status = BILL_PAID
+        bill.paid_at = now
+        session.flush()  # assigns posting.id; a duplicate key surfaces here as IntegrityError
+        return posting.id
+
+    def reverse(self, request: ReversalRequest) -> ReversalResult:
+        """Undo the payment recorded under ``request.original_key``, exactly once.
+
+        In one transaction, after the usual replay check on the reversal's own key:
+
+        * posting found and posted, same amount: it is marked reversed (``reversed_at`` set),
+          its bill reopened (open, ``paid_at`` cleared), ``00``. Partial reversals are not
+          supported: another amount gives ``13`` and changes nothing.
+        * posting found and already reversed (by another reversal message): ``00``, nothing
+          changes.
+        * no posting: ``25`` ("unable to locate record"): there is nothing to undo, and the
+          gateway treats ``25`` on a reversal as final, so it stops repeating it. If the
+          original key was never seen at all, the reversal overtook its payment (late or
+          out-of-order delivery): a tombstone is recorded under the original key (code ``12``,
+          digest :data:`REVERSED_BEFORE_POSTING`), so the payment, when it arrives, replays a
+          ``12`` decline instead of posting money that the acquirer already considers
+          reversed. If the original key was seen but declined, no tombstone is needed: its
+          repeats already replay the decline.
+
+        The outcome is recorded under the reversal's key like any other.
+        """
+        return _retry_on_conflict(lambda: self._reverse_once(request))
+
+    def _reverse_once(self, request: ReversalRequest) -> ReversalResult:
+        with transaction(self._sessions, write=True) as session:
+            seen = _seen(session, request.idempotency_key, request.request_digest)
+            if seen is not None:
+                return _reversal_result(request, seen.code, seen.fields, replayed=seen.replayed)
+
+            fields: dict[str, object] = {
+                "original_key": request.original_key,
+                "amount": request.amount,
+            }
+            found = session.scalars(
+                select(Posting).where(Posting.idempotency_key == request.original_key)
+            ).one_or_none()
+            if found is None:
+                code = RC_UNKNOWN_BILL
+                if session.get(ProcessedRequest, request.original_key) is None:
+                    tombstone = _Record(request.original_key, REVERSED_BEFORE_POSTING, request.mti)
+                    tombstone_fields = {
+                        "reason": REVERSED_BEFORE_POSTING,
+                        "reversal_key": request.idempotency_key,
+                    }
+                    _record(
+                        session, tombstone, RC_INVALID_TRANSACTION, tombstone_fields, self._clock()
+                    )
+            else:
+                # Lock order bill -> posting, as in pay(); re-read the posting under the lock.
+                bill = session.get(Bill, found.bill_number, with_for_update=True)
+                posting = session.get(
+                    Posting, found.id, with_for_update=True, populate_existing=True
+                )
+                if bill is None or posting is None:  # foreign key makes this impossible
+                    raise DatabaseError(f"posting {found.id} lost its bill")
+                fields |= {"bill_number": posting.bill_number, "posting_id": posting.id}
+                if posting.status == POSTING_REVERSED:
+                    code = RC_APPROVED
+                elif request.amount != posting.amount:
+                    code = RC_INVALID_AMOUNT
+                else:
+                    code = RC_APPROVED
+                    posting.status = POSTING_REVERSED
+                    posting.reversed_at = self._clock()
+                    bill.status = BILL_OPEN
+                    bill.paid_at = None
+
+            record = _Record(request.idempotency_key, request.request_digest, request.mti)
+            stored = _record(session, record, code, fields, self._clock())
+            return _reversal_result(request, code, stored, replayed=False)
+
+    def record_decline(
+        self,
+        idempotency_key: str,
+        request_digest: str,
+        mti: str,
+        code: str,
+        fields: Mapping[str, object],
+    ) -> StoredResponse:
+        """Record a decline decided outside the store (``55`` wrong PIN, ``14`` no such card...).
+
+        ``fields`` must be JSON-serializable. If the key was already recorded, nothing is
+        written and the earlier outcome is returned (``replayed=True``), or ``94`` if the digest
+        differs. Recording ``00`` this way is refused (``ValueError``): approvals are made by
+        :meth:`pay` and :meth:`reverse` only.
+        """
+        _check_key("idempotency_key", idempotency_key)
+        _check_key("request_digest", request_digest)
+        if code == RC_APPROVED or len(code) != 2:
+            raise ValueError(f"not a decline code: {code!r}")
+        if not (len(mti) == 4 and mti.isdigit()):
+            raise ValueError(f"not an MTI: {mti!r}")
+        _encode(fields)  # fail on unserializable fields before touching the database
+
+        def once() -> StoredResponse:
+            with transaction(self._sessions, write=True) as session:
+                seen = _seen(session, idempotency_key, request_digest)
+                if seen is not None:
+                    return seen
+                record = _Record(idempotency_key, request_digest, mti)
+                stored = _record(session, record, code, fields, self._clock())
+                return StoredResponse(idempotency_key, mti, code, stored, replayed=False)
+
+        return _retry_on_conflict(once)
+
+    def seed_demo_data(
+        self,
+        pan_hasher: Callable[[str], str],
+        pvv_for: Callable[[str, str, str], str],
+    ) -> bool:
+        """Load :mod:`billing.demo_data` if the ``customers`` table is empty.
+
+        ``pan_hasher`` maps a PAN to its keyed hash (64 hex characters: the caller owns the
+        key); ``pvv_for(pan, pvki, pin)`` computes the 4-digit PVV (the caller holds the PVK).
+        Returns True when it seeded, False when there was data already (including when a
+        concurrent process seeded first). Raises ``ValueError`` if the callbacks return
+        something else than a 64-hex-digit hash or a 4-digit PVV, so that a mistaken hasher
+        can never put a clear PAN in the database.
+        """
+        cards = []
+        for pan, pin, name in DEMO_CARDS:
+            pan_hash = pan_hasher(pan)
+            pvv = pvv_for(pan, DEMO_PVKI, pin)
+            if len(pan_hash) != 64 or any(c not in "0123456789abcdefABCDEF" for c in pan_hash):
+                raise ValueError("pan_hasher must return a 64-character hex digest")
+            if not (len(pvv) == 4 and pvv.isdigit()):
+                raise ValueError("pvv_for must return 4 digits")
+            cards.append((pan_hash, mask_pan(pan), name, pvv))
+
+        try:
+            with _infrastructure_errors(), transaction(self._sessions, write=True) as session:
+                if session.scalar(select(func.count()).select_from(Customer)):
+                    return False
+                now = self._clock()
+                customers = {name: Customer(name=name, created_at=now) for name in DEMO_CUSTOMERS}
+                session.add_all(customers.values())
+                session.flush()
+                session.add_all(
+                    Card(
+                        pan_hash=pan_hash,
+                        pan_masked=pan_masked,
+                        customer_id=customers[name].id,
+                        pvki=DEMO_PVKI,
+                        pvv=pvv,
+                        status=CARD_ACTIVE,
+                    )
+                    for pan_hash, pan_masked, name, pvv in cards
+                )
+                session.add_all(
+                    Bill(
+                        bill_number=bill.bill_number,
+                        customer_id=customers[bill.customer].id,
+                        biller=bill.biller,
+                        amount_due=bill.amount_due,
+                        currency=DEMO_CURRENCY,
+                        status=bill.status,
+                        paid_at=now if bill.status == BILL_PAID else None,
+                        created_at=now,
+                    )
+                    for bill in DEMO_BILLS
+                )
+                session.flush()
+                return True
+        except DatabaseError as exc:
+            # PostgreSQL: a concurrent seeder committed the same cards first.
+            if isinstance(exc.__cause__, IntegrityError):
+                return False
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+@contextmanager
+def _infrastructure_errors() -> Iterator[None]:
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"billing database failure: {exc}") from exc
+
+
+def _retry_on_conflict(attempt: Callable[[], _T]) -> _T:
+    """Run a write transaction, again if it lost a unique-key race to a concurrent one.
+
+    Each attempt starts with the replay check, so the retry returns the winner's outcome.
+    """
+    for _ in range(_ATTEMPTS - 1):
+        try:
+            with _infrastructure_errors():
+                return attempt()
+        except DatabaseError as exc:
+            if not isinstance(exc.__cause__, IntegrityError):
+                raise
+    with _infrastructure_errors():
+        return attempt()
+
+
+def _seen(session: Session, key: str, digest: str) -> StoredResponse | None:
+    row = session.get(ProcessedRequest, key)
+    if row is None:
+        return None
+    if row.request_digest in (digest, REVERSED_BEFORE_POSTING):
+        return StoredResponse(
+            row.idempotency_key, row.mti, row.response_code, _decode(row.response_json), True
+        )
+    return StoredResponse(key, row.mti, RC_DUPLICATE, MappingProxyType({}), replayed=False)
+
+
+class _Record(NamedTuple):
+    """Who a ``processed_requests`` row is for."""
+
+    key: str
+    digest: str
+    mti: str
+
+
+def _record(
+    session: Session, record: _Record, code: str, fields: Mapping[str, object], now: datetime
+) -> Mapping[str, object]:
+    """Insert the outcome; return the fields as a replay will read them back (JSON round trip)."""
+    encoded = _encode(fields)
+    session.add(
+        ProcessedRequest(
+            idempotency_key=record.key,
+            mti=record.mti,
+            request_digest=record.digest,
+            response_code=code,
+            response_json=encoded,
+            created_at=now,
+        )
+    )
+    # Flush now so a concurrent duplicate surfaces inside the transaction, not at commit.
+    session.flush()
+    return _decode(encoded)
+
+
+def _encode(fields: Mapping[str, object]) -> str:
+    return json.dumps(dict(fields), sort_keys=True, separators=(",", ":"))
+
+
+def _decode(text: str) -> Mapping[str, object]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise DatabaseError(f"processed_requests.response_json is not an object: {text!r}")
+    return MappingProxyType(value)
+
+
+def _opt_int(fields: Mapping[str, object], key: str) -> int | None:
+    value = fields.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _opt_str(fields: Mapping[str, object], key: str) -> str | None:
+    value = fields.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _payment_result(
+    request: PaymentRequest, code: str, fields: Mapping[str, object], *, replayed: bool
+) -> PaymentResult:
+    # Fresh and replayed answers are both built from the recorded fields, so they are equal
+    # but for the flag. Fields a record lacks (94, tombstone) fall back to the request's.
+    amount = _opt_int(fields, "amount")
+    return PaymentResult(
+        code=code,
+        bill_number=_opt_str(fields, "bill_number") or request.bill_number,
+        amount=request.amount if amount is None else amount,
+        currency=_opt_str(fields, "currency") or request.currency,
+        amount_due=_opt_int(fields, "amount_due"),
+        biller=_opt_str(fields, "biller"),
+        customer_name=_opt_str(fields, "customer_name"),
+        posting_id=_opt_int(fields, "posting_id"),
+        replayed=replayed,
+        fields=fields,
+    )
+
+
+def _reversal_result(
+    request: ReversalRequest, code: str, fields: Mapping[str, object], *, replayed: bool
+) -> ReversalResult:
+    amount = _opt_int(fields, "amount")
+    return ReversalResult(
+        code=code,
+        original_key=_opt_str(fields, "original_key") or request.original_key,
+        amount=request.amount if amount is None else amount,
+        bill_number=_opt_str(fields, "bill_number"),
+        posting_id=_opt_int(fields, "posting_id"),
+        replayed=replayed,
+        fields=fields,
+    )
+
+
+def _posting_record(posting: Posting) -> PostingRecord:
+    return PostingRecord(
+        id=posting.id,
+        bill_number=posting.bill_number,
+        amount=posting.amount,
+        currency=posting.currency,
+        idempotency_key=posting.idempotency_key,
+        rrn=posting.rrn,
+        stan=posting.stan,
+        terminal_id=posting.terminal_id,
+        acquirer_id=posting.acquirer_id,
+        pan_masked=posting.pan_masked,
+        pan_hash=posting.pan_hash,
+        source=posting.source,
+        status=posting.status,
+        created_at=posting.created_at,
+        reversed_at=posting.reversed_at,
+    )

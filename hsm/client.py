@@ -1,0 +1,97 @@
+"""Async client of the HSM, used by the gateway and billing.
+
+It turns the sans-IO builders of :mod:`hsm.protocol` into calls over an
+:class:`~shared.tcp.UpstreamLink`. The 4-character message header is the correlation
+key: many commands are in flight on one connection and each answer finds its caller.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Hashable
+
+from hsm import protocol
+from hsm.protocol import HsmResponse
+from shared.errors import UpstreamError
+from shared.tcp import UpstreamLink
+
+
+class HsmCommandFailed(UpstreamError):
+    """The HSM answered with an error code other than the one the caller can act on."""
+
+    def __init__(self, command: str, error: str) -> None:
+        super().__init__(f"HSM {command} failed with error {error}")
+        self.command = command
+        self.error = error
+
+
+def decode_hsm_keyed(payload: bytes) -> tuple[Hashable, HsmResponse]:
+    """Decoder for HSM links: (message header, parsed response)."""
+    resp = protocol.parse_response(payload)
+    return resp.header, resp
+
+
+class HsmClient:
+    """Typed HSM commands. Errors: :class:`~shared.errors.UpstreamError` subclasses."""
+
+    def __init__(self, link: UpstreamLink[HsmResponse], timeout: float) -> None:
+        self._link = link
+        self._timeout = timeout
+        self._headers = itertools.cycle(range(10000))
+
+    def _header(self) -> str:
+        return f"{next(self._headers):04d}"
+
+    async def _call(self, request: bytes, header: str) -> HsmResponse:
+        return await self._link.call(request, header, self._timeout)
+
+    async def diagnostics(self) -> HsmResponse:
+        """NC: the HSM is alive and has its LMK loaded."""
+        h = self._header()
+        resp = await self._call(protocol.build_nc(h), h)
+        if resp.error != "00":
+            raise HsmCommandFailed("NC", resp.error)
+        return resp
+
+    async def translate_pin(self, tpk: str, zpk: str, pin_block: str, account12: str) -> str:
+        """CA: re-encrypt a format-0 PIN block from the TPK to the ZPK.
+
+        Returns the new PIN block. Raises :class:`HsmCommandFailed` (error 20/23/24 mean
+        the PIN block itself is bad: treat as a wrong PIN).
+        """
+        h = self._header()
+        resp = await self._call(protocol.build_ca(h, tpk, zpk, pin_block, account12), h)
+        if resp.error != "00":
+            raise HsmCommandFailed("CA", resp.error)
+        _length, block = protocol.ca_result(resp)
+        return block
+
+    async def verify_pin(
+        self, zpk: str, pvk: str, pin_block: str, account12: str, pvki: str, pvv: str
+    ) -> bool:
+        """EC: True if the PIN under the ZPK matches the PVV; False on error 01."""
+        h = self._header()
+        resp = await self._call(protocol.build_ec(h, zpk, pvk, pin_block, account12, pvki, pvv), h)
+        if resp.error == "00":
+            return True
+        if resp.error == "01":
+            return False
+        raise HsmCommandFailed("EC", resp.error)
+
+    async def generate_mac(self, key_type: str, key: str, data: bytes) -> str:
+        """M6: ISO 9797-1 algorithm 3 MAC of ``data``, 16 hex digits."""
+        h = self._header()
+        resp = await self._call(protocol.build_m6(h, key_type, key, data), h)
+        if resp.error != "00":
+            raise HsmCommandFailed("M6", resp.error)
+        return protocol.m7_mac(resp)
+
+    async def verify_mac(self, key_type: str, key: str, data: bytes, mac: str) -> bool:
+        """M8: True if ``mac`` is right for ``data``; False on error 01."""
+        h = self._header()
+        resp = await self._call(protocol.build_m8(h, key_type, key, data, mac), h)
+        if resp.error == "00":
+            return True
+        if resp.error == "01":
+            return False
+        raise HsmCommandFailed("M8", resp.error)

@@ -1,0 +1,81 @@
+"""structlog setup: JSON lines, PANs masked, secrets dropped.
+
+Masking is a processor, so no call site can forget it: every string value that contains
+13-19 consecutive digits has them masked (first 6 and last 4 kept), and keys that name a
+secret (pin, pin_block, key, mac...) are replaced by a marker whatever their value.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+from shared.pan import mask_pan
+
+_PAN_RE = re.compile(r"(?<!\d)\d{13,19}(?!\d)")
+_SECRET_KEYS = frozenset({"pin", "pin_block", "key", "keys", "mac_key", "pvk", "lmk", "password"})
+
+
+def _mask_text(text: str) -> str:
+    return _PAN_RE.sub(lambda m: mask_pan(m.group(0)), text)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return _mask_text(value)
+    if isinstance(value, dict):
+        return {k: ("[redacted]" if k in _SECRET_KEYS else _scrub(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_scrub(v) for v in value)
+    return value
+
+
+def scrub_processor(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: mask PAN-like digit runs and drop secret-named keys."""
+    for k in list(event_dict):
+        if k in _SECRET_KEYS:
+            event_dict[k] = "[redacted]"
+        else:
+            event_dict[k] = _scrub(event_dict[k])
+    return event_dict
+
+
+def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
+    """Configure structlog (and the stdlib root logger it may receive records from).
+
+    ``fmt`` is ``json`` for machines or ``console`` for people; the scrubbing runs last
+    before rendering in both, including on exception text.
+    """
+    lvl = getattr(logging, level.upper(), logging.INFO)
+    out = stream or sys.stderr
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            scrub_processor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(level=max(lvl, logging.WARNING), stream=out, format="%(name)s %(message)s")
+
+
+def get_logger(service: str) -> Any:
+    """A logger bound to a service name."""
+    return structlog.get_logger().bind(service=service)

@@ -1,0 +1,274 @@
+"""What every paylab service has in common: an ISO/TCP listener, an HTTP listener with
+/health and /metrics, upstream links, and an orderly start and stop.
+
+A concrete service subclasses :class:`Service`, builds its handler and links in
+``__init__``/:meth:`prepare`, and adds HTTP routes. :meth:`run` starts everything in
+one nursery; :meth:`stop` drains: stop accepting and reading, answer what is in flight
+(upstream links stay open for it), then close links and HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple, TypeVar
+
+import trio
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.routing import BaseRoute
+
+from shared import codec
+from shared.codes import RC
+from shared.db import make_engine, session_factory, upgrade
+from shared.errors import DecodeError, ValidationError
+from shared.http import HealthCheck, serve_http, service_app
+from shared.log import get_logger
+from shared.messages import REQUEST_MTIS, Message, make_response, match_key
+from shared.metrics import ServiceMetrics
+from shared.settings import Settings
+from shared.tcp import FramedServer, UpstreamLink
+from shared.validation import validate_request
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class IsoFrame(NamedTuple):
+    """A received ISO-8583 message: its raw payload (for MAC checks) and its fields."""
+
+    raw: bytes
+    msg: Message
+
+
+def decode_iso_keyed(payload: bytes) -> tuple[Hashable, IsoFrame]:
+    """Decoder for ISO links: (match key, frame). Raises DecodeError on garbage."""
+    msg = codec.decode(payload)
+    return match_key(msg), IsoFrame(payload, msg)
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """Where a running service listens."""
+
+    iso: int
+    http: int
+
+
+class Service:
+    """Base of the four services. Subclasses set ``name`` and implement :meth:`handle`."""
+
+    name = "service"
+    request_mtis: tuple[str, ...] = ()
+    #: Alembic script location of the service's database ("billing:migrations"), or None.
+    migrations: str | None = None
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.log = get_logger(self.name)
+        self.metrics = ServiceMetrics(self.name, self.request_mtis)
+        self.links: list[UpstreamLink[Any]] = []
+        self.ports: Ports | None = None
+        self.server = FramedServer(
+            self.name,
+            self.handle,
+            host=settings.host,
+            port=settings.iso_port(self.name),
+            metrics=self.metrics,
+            log=self.log,
+            kind=settings.framing,
+            max_frame=settings.max_frame,
+            max_in_flight=settings.max_in_flight_per_connection,
+        )
+        self.engine: Engine | None = None
+        self.sessions: sessionmaker[Session] | None = None
+        # One database call at a time per service: SQLite has a single writer anyway, and
+        # serialising keeps read-check-write sequences free of races on any backend.
+        self._db_limiter = trio.CapacityLimiter(1)
+        self._http_stop = trio.Event()
+        self._server_done = trio.Event()
+        self._stopping = False
+
+    # -- for subclasses ---------------------------------------------------------------------
+    async def handle(self, payload: bytes, peer: str) -> bytes | None:
+        """Answer one frame (the payload without its length header)."""
+        raise NotImplementedError
+
+    async def prepare(self) -> None:
+        """Set-up before listening: open the database and bring its schema up to date."""
+        if self.migrations is not None:
+            await trio.to_thread.run_sync(self._open_database, self.migrations)
+
+    def _open_database(self, migrations: str) -> None:
+        self.engine = make_engine(self.settings.db_url(self.name))
+        upgrade(self.engine, migrations)
+        self.sessions = session_factory(self.engine)
+        self.prepare_database(self.sessions)
+
+    def prepare_database(self, sessions: sessionmaker[Session]) -> None:
+        """Hook (worker thread): build stores on ``sessions``, seed data."""
+
+    async def in_db_thread(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run a synchronous database call in a worker thread, one at a time."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
+
+    async def _database_check(self) -> tuple[bool, str]:
+        if self.engine is None:
+            return False, "not open"
+        ok = await self.in_db_thread(_ping, self.engine)
+        return ok, f"{self.engine.dialect.name} {'reachable' if ok else 'unreachable'}"
+
+    def routes(self) -> Sequence[BaseRoute]:
+        """Extra HTTP routes beside /health and /metrics."""
+        return ()
+
+    def health_checks(self) -> dict[str, HealthCheck]:
+        """Readiness checks; by default one per upstream link."""
+        checks: dict[str, HealthCheck] = {}
+        for link in self.links:
+            checks[link.name] = partial(_link_check, link)
+        if self.migrations is not None:
+            checks["database"] = self._database_check
+        return checks
+
+    def add_link(
+        self,
+        name: str,
+        address: tuple[str, int],
+        decode: Callable[[bytes], tuple[Hashable, T]],
+    ) -> UpstreamLink[T]:
+        """Create an upstream link, started and stopped with the service.
+
+        ``decode`` maps a response payload to (match key, value): :func:`decode_iso_keyed`
+        for ISO-8583 peers, the HSM client's decoder for the HSM.
+        """
+        link: UpstreamLink[T] = UpstreamLink(
+            name,
+            address,
+            decode,
+            metrics=self.metrics,
+            log=self.log,
+            kind=self.settings.framing,
+            max_frame=self.settings.max_frame,
+            connect_timeout=self.settings.connect_timeout,
+        )
+        self.links.append(link)
+        return link
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[Ports] = trio.TASK_STATUS_IGNORED) -> None:
+        """Prepare, start links and listeners, report the ports, serve until stopped."""
+        await self.prepare()
+        async with trio.open_nursery() as nursery:
+            for link in self.links:
+                await nursery.start(link.run)
+            iso_port = await nursery.start(self._run_server)
+            app = service_app(
+                self.name, self.metrics, self.health_checks(), self.routes(), self.log
+            )
+            http_port = await nursery.start(
+                partial(
+                    serve_http,
+                    app,
+                    self.settings.host,
+                    self.settings.http_port(self.name),
+                    shutdown_trigger=self._http_stop.wait,
+                )
+            )
+            self.ports = Ports(iso=iso_port, http=http_port)
+            self.log.info("service_started", iso_port=iso_port, http_port=http_port)
+            task_status.started(self.ports)
+
+    async def _run_server(self, *, task_status: trio.TaskStatus[int]) -> None:
+        try:
+            await self.server.run(task_status=task_status)
+        finally:
+            self._server_done.set()
+
+    async def stop(self) -> None:
+        """Drain and stop: in-flight requests are answered, then everything closes."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.server.shutdown(self.settings.shutdown_grace)
+        await self._server_done.wait()
+        for link in self.links:
+            await link.close()
+        await self.close_resources()
+        self._http_stop.set()
+        self.log.info("service_stopped")
+
+    async def close_resources(self) -> None:
+        """Release what :meth:`prepare` opened (the database engine)."""
+        if self.engine is not None:
+            self.engine.dispose()
+
+
+def _ping(engine: Engine) -> bool:
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False
+
+
+async def _link_check(link: UpstreamLink[Any]) -> tuple[bool, str]:
+    host, port = link.address
+    return link.connected, f"{'connected' if link.connected else 'disconnected'} {host}:{port}"
+
+
+class IsoService(Service):
+    """A service whose listener speaks ISO-8583: the decode, validate, answer skeleton.
+
+    Subclasses implement :meth:`dispatch` (a valid request in, the response out) and may
+    override :meth:`finish` (e.g. to add a MAC). The skeleton guarantees the wire rules:
+    an undecodable frame is logged (never its content) and counted, and gets no answer
+    (there is no MTI or STAN to answer to); a decodable but invalid request gets its
+    response MTI with field 39 = 30; either way the connection stays open.
+    """
+
+    #: Financial requests on this listener must carry a MAC (acquirer-to-gateway link).
+    require_mac = False
+
+    async def handle(self, payload: bytes, peer: str) -> bytes | None:
+        start = trio.current_time()
+        try:
+            msg = codec.decode(payload)
+        except DecodeError as exc:
+            self.metrics.frames_rejected.labels("undecodable").inc()
+            self.log.warning("undecodable_frame", peer=peer, size=len(payload), reason=str(exc))
+            return None
+        mti = msg.get("t", "")
+        if mti not in REQUEST_MTIS:
+            self.metrics.frames_rejected.labels("invalid").inc()
+            self.log.warning("unexpected_mti", peer=peer, mti=mti)
+            return None
+        self.metrics.in_progress.inc()
+        try:
+            try:
+                validate_request(msg, require_mac=self.require_mac)
+            except ValidationError as exc:
+                self.metrics.frames_rejected.labels("invalid").inc()
+                self.log.info(
+                    "invalid_request", peer=peer, mti=mti, field=exc.field, reason=str(exc)
+                )
+                response = make_response(msg, RC.FORMAT_ERROR)
+            else:
+                response = await self.dispatch(IsoFrame(payload, msg), peer)
+            response = await self.finish(msg, response)
+            out = codec.encode(response)
+        finally:
+            self.metrics.in_progress.dec()
+        self.metrics.requests.labels(mti, response.get("39", "--")).inc()
+        self.metrics.duration.labels(mti).observe(trio.current_time() - start)
+        return out
+
+    async def dispatch(self, frame: IsoFrame, peer: str) -> Message:
+        """Answer one valid request."""
+        raise NotImplementedError
+
+    async def finish(self, request: Message, response: Message) -> Message:
+        """Last step before encoding (the gateway adds its MAC here)."""
+        return response

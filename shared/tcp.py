@@ -1,0 +1,416 @@
+"""Thin trio shells around the sans-IO framing: a framed server and multiplexed clients.
+
+:class:`FramedServer` reads bytes, feeds a :class:`~shared.framing.FrameParser`, runs one
+handler task per whole frame (so a slow request never blocks the next one on the same
+connection) and writes whatever the handler returns. :class:`MultiplexedConnection` is
+the client side of one connection with many requests in flight, matched to responses by
+a key. :class:`UpstreamLink` keeps one such connection to a peer and reconnects it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from shared.errors import FramingError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from shared.framing import DEFAULT_MAX_FRAME, FrameParser, HeaderKind, encode_frame
+from shared.metrics import ServiceMetrics
+
+T = TypeVar("T")
+_READ_SIZE = 65536
+
+#: A request handler: one whole frame payload in, the response payload out (None: no answer).
+FrameHandler = Callable[[bytes, str], Awaitable[bytes | None]]
+
+
+class FramedServer:
+    """Accepts TCP connections and serves length-prefixed frames with ``handler``.
+
+    Contract:
+    * each frame is handled in its own task; answers may leave out of order;
+    * at most ``max_in_flight`` frames per connection are in progress; beyond it the
+      server stops reading that connection (TCP back-pressure), it does not drop frames;
+    * a handler exception is logged and counted; the connection and the server live on;
+    * a framing error (oversize or malformed length) is logged without content, counted,
+      and closes that connection after its in-flight requests are answered;
+    * :meth:`shutdown` stops accepting and reading, lets in-flight requests finish within
+      ``grace`` seconds, then closes every connection.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        handler: FrameHandler,
+        *,
+        host: str,
+        port: int,
+        metrics: ServiceMetrics,
+        log: Any,
+        kind: HeaderKind = HeaderKind.BINARY2,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_in_flight: int = 256,
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self._handler = handler
+        self._metrics = metrics
+        self._log = log
+        self._kind = kind
+        self._max_frame = max_frame
+        self._max_in_flight = max_in_flight
+        self._accept_scope = trio.CancelScope()
+        self._reader_scopes: set[trio.CancelScope] = set()
+        self._conn_nursery: trio.Nursery | None = None
+        self._closing = False
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until :meth:`shutdown` (or cancellation). Reports the bound port."""
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as conn_nursery:
+            self._conn_nursery = conn_nursery
+            with self._accept_scope:
+                task_status.started(self.port)
+                await trio.serve_listeners(
+                    self._serve_conn, listeners, handler_nursery=conn_nursery
+                )
+            for listener in listeners:
+                await listener.aclose()
+
+    def shutdown(self, grace: float) -> None:
+        """Stop accepting and reading; in-flight requests get ``grace`` seconds to finish."""
+        self._closing = True
+        self._accept_scope.cancel()
+        for scope in list(self._reader_scopes):
+            scope.cancel()
+        if self._conn_nursery is not None:
+            self._conn_nursery.cancel_scope.deadline = trio.current_time() + grace
+
+    async def _serve_conn(self, stream: trio.SocketStream) -> None:
+        if self._closing:
+            await stream.aclose()
+            return
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except OSError:
+            peer = "?"
+        parser = FrameParser(self._kind, self._max_frame)
+        send_lock = trio.Lock()
+        slots = trio.Semaphore(self._max_in_flight)
+        self._metrics.connections.inc()
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.CancelScope() as reader:
+                    self._reader_scopes.add(reader)
+                    try:
+                        await self._read_loop(stream, peer, parser, nursery, send_lock, slots)
+                    finally:
+                        self._reader_scopes.discard(reader)
+        finally:
+            self._metrics.connections.dec()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _read_loop(
+        self,
+        stream: trio.SocketStream,
+        peer: str,
+        parser: FrameParser,
+        nursery: trio.Nursery,
+        send_lock: trio.Lock,
+        slots: trio.Semaphore,
+    ) -> None:
+        while True:
+            try:
+                data = await stream.receive_some(_READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            parser.feed(data)
+            while True:
+                try:
+                    frame = parser.next_frame()
+                except FramingError as exc:
+                    self._metrics.frames_rejected.labels("oversize").inc()
+                    self._log.warning(
+                        "framing_error", listener=self.name, peer=peer, reason=str(exc)
+                    )
+                    return
+                if frame is None:
+                    break
+                if not frame:
+                    continue  # a zero-length frame: a keep-alive, nothing to answer
+                await slots.acquire()
+                nursery.start_soon(self._handle_one, stream, peer, frame, send_lock, slots)
+
+    async def _handle_one(
+        self,
+        stream: trio.SocketStream,
+        peer: str,
+        frame: bytes,
+        send_lock: trio.Lock,
+        slots: trio.Semaphore,
+    ) -> None:
+        try:
+            try:
+                response = await self._handler(frame, peer)
+            except Exception:
+                self._log.exception("handler_failed", listener=self.name, peer=peer)
+                return
+            if response is None:
+                return
+            try:
+                out = encode_frame(response, self._kind, self._max_frame)
+            except FramingError:
+                self._log.error("response_too_large", listener=self.name, size=len(response))
+                return
+            # If the peer went away, its answer has nowhere to go: nothing to do.
+            async with send_lock:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(out)
+        finally:
+            slots.release()
+
+
+@dataclass(slots=True)
+class _Waiter:
+    event: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+class MultiplexedConnection(Generic[T]):
+    """One client connection carrying many requests at once.
+
+    ``decode`` turns a response payload into ``(key, value)``; the value is handed to the
+    caller whose request was sent with the same key. Responses whose key matches no
+    request in flight (late, after a timeout, or unknown) go to ``on_unmatched``.
+
+    :meth:`run` must be running (in a nursery) for responses to be received; when the
+    connection ends, every caller still waiting gets :class:`UpstreamUnavailable` with
+    ``sent=True`` (the request may have been processed).
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        decode: Callable[[bytes], tuple[Hashable, T]],
+        *,
+        kind: HeaderKind = HeaderKind.BINARY2,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        on_unmatched: Callable[[bytes, Hashable | None], None] = lambda payload, key: None,
+    ) -> None:
+        self._stream = stream
+        self._decode = decode
+        self._kind = kind
+        self._max_frame = max_frame
+        self._on_unmatched = on_unmatched
+        self._pending: dict[Hashable, _Waiter] = {}
+        self._send_lock = trio.Lock()
+        self.closed = False
+        self.last_activity = trio.current_time()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Receive responses until the peer closes or the stream breaks."""
+        parser = FrameParser(self._kind, self._max_frame)
+        task_status.started()
+        try:
+            while True:
+                data = await self._stream.receive_some(_READ_SIZE)
+                if not data:
+                    return
+                self.last_activity = trio.current_time()
+                for payload in parser.frames(data):
+                    if payload:
+                        self._dispatch(payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FramingError):
+            return
+        finally:
+            self._fail_all()
+            with trio.CancelScope(shield=True):
+                await self._stream.aclose()
+
+    def _dispatch(self, payload: bytes) -> None:
+        try:
+            key, value = self._decode(payload)
+        except Exception:
+            self._on_unmatched(payload, None)
+            return
+        waiter = self._pending.pop(key, None)
+        if waiter is None:
+            self._on_unmatched(payload, key)
+            return
+        waiter.result = value
+        waiter.event.set()
+
+    def _fail_all(self) -> None:
+        self.closed = True
+        for waiter in self._pending.values():
+            waiter.error = UpstreamUnavailable("connection closed before the answer", sent=True)
+            waiter.event.set()
+        self._pending.clear()
+
+    async def request(self, payload: bytes, key: Hashable, timeout: float) -> T:
+        """Send ``payload`` and wait for the response with ``key``.
+
+        Raises :class:`UpstreamUnavailable` (``sent=False`` if nothing went out),
+        :class:`UpstreamTimeout` after ``timeout`` seconds (outcome unknown), or
+        :class:`UpstreamError` if a request with the same key is already in flight.
+        """
+        if self.closed:
+            raise UpstreamUnavailable("connection is closed")
+        if key in self._pending:
+            raise UpstreamError("a request with the same key is already in flight")
+        waiter = _Waiter()
+        self._pending[key] = waiter
+        frame = encode_frame(payload, self._kind, self._max_frame)
+        try:
+            try:
+                async with self._send_lock:
+                    await self._stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.closed = True
+                raise UpstreamUnavailable("connection broke while sending", sent=True) from exc
+            with trio.move_on_after(timeout):
+                await waiter.event.wait()
+            if not waiter.event.is_set():
+                raise UpstreamTimeout(f"no answer within {timeout:g} s")
+            if waiter.error is not None:
+                raise waiter.error
+            result: T = waiter.result
+            return result
+        finally:
+            if self._pending.get(key) is waiter:
+                del self._pending[key]
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self._stream.aclose()
+
+
+class UpstreamLink(Generic[T]):
+    """A single self-reconnecting connection to one upstream peer.
+
+    :meth:`run` keeps a connection up: connect, serve responses until it drops, wait,
+    connect again (delay doubling from 0.1 s to ``max_reconnect_delay``). :meth:`call`
+    uses the current connection; with none, it waits up to ``connect_timeout`` for one
+    and then raises :class:`UpstreamUnavailable`. This is the seam where the connection
+    pool, heartbeats, retry and circuit breaker plug in.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        address: tuple[str, int],
+        decode: Callable[[bytes], tuple[Hashable, T]],
+        *,
+        metrics: ServiceMetrics,
+        log: Any,
+        kind: HeaderKind = HeaderKind.BINARY2,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        connect_timeout: float = 2.0,
+        max_reconnect_delay: float = 2.0,
+        on_unmatched: Callable[[bytes, Hashable | None], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self._decode = decode
+        self._metrics = metrics
+        self._log = log
+        self._kind = kind
+        self._max_frame = max_frame
+        self._connect_timeout = connect_timeout
+        self._max_delay = max_reconnect_delay
+        self._on_unmatched = on_unmatched or self._default_unmatched
+        self._conn: MultiplexedConnection[T] | None = None
+        self._connected = trio.Event()
+        self._stop = trio.Event()
+        metrics.upstream_calls.labels(name, "ok")
+        metrics.unmatched_responses.labels(name)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    def _default_unmatched(self, payload: bytes, key: Hashable | None) -> None:
+        self._metrics.unmatched_responses.labels(self.name).inc()
+        self._log.warning("unmatched_response", upstream=self.name, size=len(payload))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Maintain the connection until :meth:`close` or cancellation."""
+        task_status.started()
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                with trio.fail_after(self._connect_timeout):
+                    stream = await trio.open_tcp_stream(*self.address)
+            except (OSError, trio.TooSlowError) as exc:
+                self._log.debug("connect_failed", upstream=self.name, error=type(exc).__name__)
+                with trio.move_on_after(delay):
+                    await self._stop.wait()
+                delay = min(delay * 2, self._max_delay)
+                continue
+            delay = 0.1
+            conn: MultiplexedConnection[T] = MultiplexedConnection(
+                stream,
+                self._decode,
+                kind=self._kind,
+                max_frame=self._max_frame,
+                on_unmatched=self._on_unmatched,
+            )
+            self._conn = conn
+            self._connected.set()
+            self._log.info(
+                "upstream_connected",
+                upstream=self.name,
+                address=f"{self.address[0]}:{self.address[1]}",
+            )
+            try:
+                await conn.run()
+            finally:
+                self._conn = None
+                self._connected = trio.Event()
+            if not self._stop.is_set():
+                self._log.warning("upstream_disconnected", upstream=self.name)
+
+    async def call(self, payload: bytes, key: Hashable, timeout: float) -> T:
+        """Send one request and return its decoded response (see MultiplexedConnection)."""
+        start = trio.current_time()
+        conn = self._conn
+        if conn is None or conn.closed:
+            with trio.move_on_after(min(timeout, self._connect_timeout)):
+                await self._connected.wait()
+            conn = self._conn
+            if conn is None or conn.closed:
+                self._metrics.upstream_calls.labels(self.name, "unavailable").inc()
+                raise UpstreamUnavailable(f"no connection to {self.name}")
+        remaining = max(timeout - (trio.current_time() - start), 0.001)
+        try:
+            result = await conn.request(payload, key, remaining)
+        except UpstreamTimeout:
+            self._metrics.upstream_calls.labels(self.name, "timeout").inc()
+            raise
+        except UpstreamUnavailable:
+            self._metrics.upstream_calls.labels(self.name, "unavailable").inc()
+            raise
+        self._metrics.upstream_calls.labels(self.name, "ok").inc()
+        self._metrics.upstream_duration.labels(self.name).observe(trio.current_time() - start)
+        return result
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the current connection."""
+        self._stop.set()
+        conn = self._conn
+        if conn is not None:
+            await conn.aclose()

@@ -1,0 +1,121 @@
+"""Test helpers: settings on ephemeral ports, a raw ISO-8583 client, waiting on conditions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from acquirer.builder import RequestBuilder, Terminal
+from hsm.keyfile import load_key_file
+from shared import codec
+from shared.framing import FrameParser, HeaderKind, encode_frame
+from shared.messages import Message
+from shared.network import Network
+from shared.settings import Settings
+
+KEYS = load_key_file()
+DEMO_PAN = "4761739001010010"
+DEMO_PIN = "1234"
+
+
+def lab_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for a test network: every port ephemeral, short timeouts, no .env file."""
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "host": "127.0.0.1",
+        "billing_timeout": 2.0,
+        "gateway_timeout": 5.0,
+        "hsm_timeout": 2.0,
+        "connect_timeout": 1.0,
+        "shutdown_grace": 2.0,
+        "log_level": "warning",
+    }
+    for svc in ("acquirer", "gateway", "billing", "hsm"):
+        values[f"{svc}_http_port"] = 0
+        values[f"{svc}_iso_port"] = 0
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def terminal_builder(terminal_id: str = "TESTTERM") -> RequestBuilder:
+    """A request builder for a test terminal with the shipped test keys."""
+    return RequestBuilder(
+        Terminal(
+            acquirer_id="008",
+            terminal_id=terminal_id,
+            merchant_id="PAYLAB-MERCH-01",
+            currency="360",
+            tpk=KEYS.keys["TPK"].clear,
+            tak=KEYS.keys["TAK"].clear,
+        )
+    )
+
+
+class RawIsoClient:
+    """A plain framed client: send bytes or messages, read whole frames with a deadline."""
+
+    def __init__(self, stream: trio.SocketStream, kind: HeaderKind = HeaderKind.BINARY2) -> None:
+        self.stream = stream
+        self.kind = kind
+        self.parser = FrameParser(kind, 65535)
+        self._frames: list[bytes] = []
+
+    @classmethod
+    async def connect(cls, port: int, kind: HeaderKind = HeaderKind.BINARY2) -> RawIsoClient:
+        return cls(await trio.open_tcp_stream("127.0.0.1", port), kind)
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def send(self, msg: Message | bytes) -> None:
+        payload = msg if isinstance(msg, bytes) else codec.encode(msg)
+        await self.stream.send_all(encode_frame(payload, self.kind, 65535))
+
+    async def receive(self, timeout: float = 10.0) -> tuple[bytes, Message]:
+        """The next frame (raw payload and decoded message); fails after ``timeout``."""
+        with trio.fail_after(timeout):
+            while not self._frames:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise EOFError("connection closed by the server")
+                self._frames.extend(self.parser.frames(data))
+        raw = self._frames.pop(0)
+        return raw, codec.decode(raw)
+
+    async def roundtrip(self, msg: Message | bytes, timeout: float = 10.0) -> Message:
+        await self.send(msg)
+        return (await self.receive(timeout))[1]
+
+    async def is_closed_by_peer(self, timeout: float = 5.0) -> bool:
+        """True if the server closes the connection within ``timeout``."""
+        with trio.move_on_after(timeout):
+            try:
+                while await self.stream.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+            return True
+        return False
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes (then fail)."""
+    with trio.fail_after(timeout):
+        while True:
+            value = predicate()
+            if value:
+                return value
+            await trio.sleep(step)
+
+
+async def start_network(nursery: trio.Nursery, data_dir: Path, **overrides: Any) -> Network:
+    """Start the four services (ephemeral ports) in ``nursery``; the caller stops them."""
+    net = Network(lab_settings(data_dir, **overrides))
+    await nursery.start(net.run)
+    return net

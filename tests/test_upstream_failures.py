@@ -1,0 +1,171 @@
+"""The gateway facing a billing host that misbehaves: silent, late, out of order."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import trio
+import trio.testing
+
+from gateway.service import GatewayService
+from shared import codec
+from shared.codes import RC
+from shared.framing import FrameParser, encode_frame
+from shared.messages import Message, make_response
+from shared.network import Network
+from tests.support import DEMO_PAN, DEMO_PIN, RawIsoClient, lab_settings, terminal_builder
+
+#: Decides what a fake billing host does with the requests it has received so far.
+Behaviour = Callable[[list[Message], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+
+async def fake_billing(nursery: trio.Nursery, behaviour: Behaviour) -> int:
+    """A TCP listener speaking ISO-8583 frames whose answers ``behaviour`` decides."""
+
+    async def serve(stream: trio.SocketStream) -> None:
+        parser = FrameParser()
+        seen: list[Message] = []
+
+        async def answer(msg: Message) -> None:
+            await stream.send_all(encode_frame(codec.encode(msg)))
+
+        async for data in stream:
+            for frame in parser.frames(data):
+                seen.append(codec.decode(frame))
+                await behaviour(seen, answer)
+
+    listeners = await nursery.start(trio.serve_tcp, serve, 0)
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def gateway_with_billing_at(
+    nursery: trio.Nursery, tmp_path: Path, billing_port: int
+) -> Network:
+    net = Network(
+        lab_settings(tmp_path, billing_address=f"127.0.0.1:{billing_port}", billing_timeout=0.5),
+        names=("hsm", "gateway"),
+    )
+    await nursery.start(net.run)
+    gateway = net.services["gateway"]
+    assert isinstance(gateway, GatewayService)
+    with trio.fail_after(5):
+        while not gateway.billing.connected:
+            await trio.sleep(0.01)
+    return net
+
+
+async def test_silent_billing_gives_68_and_is_journaled_unknown(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    async def silent(seen: list[Message], answer: Callable[[Message], Awaitable[None]]) -> None:
+        return None
+
+    net = await gateway_with_billing_at(nursery, tmp_path, await fake_billing(nursery, silent))
+    builder = terminal_builder()
+    client = await RawIsoClient.connect(net.ports["gateway"].iso)
+    payment = builder.payment("PLN-0001", 150000, DEMO_PAN, DEMO_PIN)
+    answer = await client.roundtrip(payment)
+    assert answer["39"] == RC.LATE_RESPONSE
+    # An inquiry that times out changed nothing upstream: "inoperative", not "unknown".
+    assert (await client.roundtrip(builder.inquiry("PLN-0001")))["39"] == RC.ISSUER_INOPERATIVE
+    async with httpx.AsyncClient() as http:
+        r = await http.get(
+            f"http://127.0.0.1:{net.ports['gateway'].http}/transactions",
+            params={"rrn": payment["37"]},
+        )
+    assert [row["status"] for row in r.json()["items"]] == ["unknown"]
+    await client.aclose()
+    await net.stop()
+
+
+async def test_late_answer_is_counted_not_delivered_to_another_request(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    release = trio.Event()
+
+    async def late(seen: list[Message], answer: Callable[[Message], Awaitable[None]]) -> None:
+        if len(seen) == 1:
+
+            async def later() -> None:
+                await release.wait()
+                await answer(make_response(seen[0], "00"))
+
+            nursery.start_soon(later)
+        else:
+            await answer(make_response(seen[-1], "00", f4="000000000001", f62="X|Y"))
+
+    net = await gateway_with_billing_at(nursery, tmp_path, await fake_billing(nursery, late))
+    builder = terminal_builder()
+    client = await RawIsoClient.connect(net.ports["gateway"].iso)
+    assert (await client.roundtrip(builder.inquiry("PLN-0001")))["39"] == RC.ISSUER_INOPERATIVE
+    release.set()
+    second = await client.roundtrip(builder.inquiry("PLN-0002"))
+    assert (second["39"], second["48"]) == ("00", "PLN-0002")
+    gateway = net.services["gateway"]
+    registry = gateway.metrics.registry
+    with trio.fail_after(5):
+        while not registry.get_sample_value(
+            "paylab_upstream_unmatched_responses_total", {"upstream": "billing"}
+        ):
+            await trio.sleep(0.01)
+    await client.aclose()
+    await net.stop()
+
+
+async def test_answers_out_of_order_reach_the_right_requests(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    async def reverse_pairs(
+        seen: list[Message], answer: Callable[[Message], Awaitable[None]]
+    ) -> None:
+        if len(seen) % 2 == 0:  # answer each pair second-first
+            for msg in (seen[-1], seen[-2]):
+                await answer(make_response(msg, "00", f4="000000000042"))
+
+    net = await gateway_with_billing_at(
+        nursery, tmp_path, await fake_billing(nursery, reverse_pairs)
+    )
+    results: dict[str, str] = {}
+
+    async def one(terminal: str, bill: str) -> None:
+        client = await RawIsoClient.connect(net.ports["gateway"].iso)
+        answer = await client.roundtrip(terminal_builder(terminal).inquiry(bill))
+        results[bill] = answer["48"]
+        await client.aclose()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(one, "TERMAAAA", "PLN-1001")
+        n.start_soon(one, "TERMBBBB", "PLN-1002")
+    assert results == {"PLN-1001": "PLN-1001", "PLN-1002": "PLN-1002"}
+    await net.stop()
+
+
+async def test_stop_answers_requests_in_flight_then_closes(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    arrived = trio.Event()
+    release = trio.Event()
+
+    async def slow(seen: list[Message], answer: Callable[[Message], Awaitable[None]]) -> None:
+        async def later() -> None:
+            await release.wait()
+            await answer(make_response(seen[-1], "00", f4="000000000042"))
+
+        arrived.set()
+        nursery.start_soon(later)
+
+    net = await gateway_with_billing_at(nursery, tmp_path, await fake_billing(nursery, slow))
+    client = await RawIsoClient.connect(net.ports["gateway"].iso)
+    idle = await RawIsoClient.connect(net.ports["gateway"].iso)
+    await client.send(terminal_builder().inquiry("PLN-0001"))
+    await arrived.wait()
+    async with trio.open_nursery() as n:
+        n.start_soon(net.stop)  # begins while the inquiry waits for billing
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+        _raw, answer = await client.receive()
+        assert (answer["39"], answer["48"]) == ("00", "PLN-0001")
+    assert await client.is_closed_by_peer()
+    assert await idle.is_closed_by_peer()
