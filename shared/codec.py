@@ -48,6 +48,9 @@ def decode(data: bytes) -> Message:
         raise DecodeError(str(exc)) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise DecodeError(f"undecodable bytes: {type(exc).__name__}") from None
+    mti = doc.get("t", "")
+    if not (mti.isascii() and mti.isdigit()):
+        raise DecodeError(f"MTI {mti!r} is not 4 digits")
     doc.pop("p", None)
     doc.pop("1", None)
     return doc

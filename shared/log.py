@@ -18,29 +18,43 @@ import structlog
 from shared.pan import mask_pan
 
 _PAN_RE = re.compile(r"(?<!\d)\d{13,19}(?!\d)")
-_SECRET_KEYS = frozenset({"pin", "pin_block", "key", "keys", "mac_key", "pvk", "lmk", "password"})
+_SECRET_KEYS = frozenset(
+    {"pin", "pin_block", "key", "keys", "mac", "mac_key", "pvk", "lmk", "password", "token"}
+)
 
 
 def _mask_text(text: str) -> str:
     return _PAN_RE.sub(lambda m: mask_pan(m.group(0)), text)
 
 
+def _is_secret(key: object) -> bool:
+    return isinstance(key, str) and key.lower() in _SECRET_KEYS
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         return _mask_text(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 10**12 <= abs(value):
+        return _mask_text(str(value))  # a PAN passed as a number
     if isinstance(value, dict):
-        return {k: ("[redacted]" if k in _SECRET_KEYS else _scrub(v)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_scrub(v) for v in value)
+        return {
+            _scrub(k): ("[redacted]" if _is_secret(k) else _scrub(v)) for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_scrub(v) for v in value]
     return value
 
 
 def scrub_processor(
     _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """structlog processor: mask PAN-like digit runs and drop secret-named keys."""
+    """structlog processor: mask PAN-like digit runs and drop secret-named keys.
+
+    Key names are matched case-insensitively; numbers of 13 digits or more are masked as
+    text; dictionary keys are scrubbed like values.
+    """
     for k in list(event_dict):
-        if k in _SECRET_KEYS:
+        if _is_secret(k):
             event_dict[k] = "[redacted]"
         else:
             event_dict[k] = _scrub(event_dict[k])

@@ -68,9 +68,13 @@ ECHOED_FIELDS = (
 
 
 def response_mti(mti: str) -> str:
-    """The MTI answering ``mti``: 0200 -> 0210, 0221 -> 0230, 0421 -> 0430, 0800 -> 0810."""
-    if len(mti) != 4 or not mti.isdigit():
-        raise ValueError(f"not an MTI: {mti!r}")
+    """The MTI answering ``mti``: 0200 -> 0210, 0221 -> 0230, 0421 -> 0430, 0800 -> 0810.
+
+    Raises ValueError unless ``mti`` is four ASCII digits naming a request (third digit
+    0, 2, 4, 6 or 8): a response has no response.
+    """
+    if len(mti) != 4 or not (mti.isascii() and mti.isdigit()) or mti[2] not in "02468":
+        raise ValueError(f"not a request MTI: {mti!r}")
     return mti[:2] + str(int(mti[2]) + 1) + "0"
 
 

@@ -156,6 +156,7 @@ BAD_PAYLOADS = {
     "empty": b"",
     "short MTI": b"02",
     "non-ASCII MTI": b"\xff200" + PAYMENT_RAW[4:],
+    "non-numeric MTI": b"02X0" + PAYMENT_RAW[4:],
     "MTI only": b"0200",
     "truncated bitmap": PAYMENT_RAW[:12],
     "non-hex bitmap": b"0200" + b"ZZZZZZZZZZZZZZZZ" + PAYMENT_RAW[20:],

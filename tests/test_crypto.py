@@ -101,7 +101,7 @@ def test_short_keys_emit_no_deprecation_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ecb_encrypt(bytes.fromhex("1111111111111111"), b"\x00" * 8)
-        ecb_encrypt(bytes.fromhex("2222222222222222" "3333333333333333"), b"\x00" * 8)
+        ecb_encrypt(bytes.fromhex("22222222222222223333333333333333"), b"\x00" * 8)
 
 
 @pytest.mark.parametrize("length", [0, 7, 9, 15, 17, 23, 25, 32])
@@ -163,8 +163,14 @@ def test_pan_field_pads_short_pans_and_rejects_garbage() -> None:
 
 @pytest.mark.parametrize(
     ("pin", "reason"),
-    [("123", "pin_length"), ("1234567890123", "pin_length"), ("", "pin_length"),
-     ("12a4", "pin_digits"), ("12 4", "pin_digits"), ("12²4", "pin_digits")],
+    [
+        ("123", "pin_length"),
+        ("1234567890123", "pin_length"),
+        ("", "pin_length"),
+        ("12a4", "pin_digits"),
+        ("12 4", "pin_digits"),
+        ("12²4", "pin_digits"),
+    ],
 )
 def test_pin_block_rejects_bad_pins(pin: str, reason: str) -> None:
     with pytest.raises(PinBlockError) as info:

@@ -37,9 +37,14 @@ PIN = "1234"
 
 # A reference that is well formed but decrypts to a key with bad parity (all-zero key bytes
 # would have even parity; the LMK-encryption of 16 zero bytes decrypts to exactly that).
-BAD_PARITY_REF = "U" + Cipher(
-    TripleDES(KEYS.lmk + KEYS.lmk[:8]), modes.ECB()
-).encryptor().update(bytes(16)).hex().upper()
+BAD_PARITY_REF = (
+    "U"
+    + Cipher(TripleDES(KEYS.lmk + KEYS.lmk[:8]), modes.ECB())
+    .encryptor()
+    .update(bytes(16))
+    .hex()
+    .upper()
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,8 +269,16 @@ def test_encrypt_and_decrypt_under_lmk() -> None:
 
 @pytest.mark.parametrize(
     "ref",
-    ["", "U", TPK.under_lmk[1:], "X" + TPK.under_lmk[1:], TPK.under_lmk + "0",
-     TPK.under_lmk[:-1] + "G", "u" + TPK.under_lmk[1:], BAD_PARITY_REF],
+    [
+        "",
+        "U",
+        TPK.under_lmk[1:],
+        "X" + TPK.under_lmk[1:],
+        TPK.under_lmk + "0",
+        TPK.under_lmk[:-1] + "G",
+        "u" + TPK.under_lmk[1:],
+        BAD_PARITY_REF,
+    ],
 )
 def test_decrypt_under_lmk_rejects_bad_references(ref: str) -> None:
     with pytest.raises(KeyReferenceError):
@@ -298,8 +311,17 @@ def test_short_input(request_: bytes, expected: bytes) -> None:
 
 @pytest.mark.parametrize(
     ("code", "reply"),
-    [(b"A0", b"A1"), (b"XY", b"XZ"), (b"AZ", b"AA"), (b"A9", b"A0"), (b"az", b"aa"),
-     (b"nc", b"nd"), (b"A!", b"ZZ"), (b"\xffA", b"ZZ"), (b"  ", b"ZZ")],
+    [
+        (b"A0", b"A1"),
+        (b"XY", b"XZ"),
+        (b"AZ", b"AA"),
+        (b"A9", b"A0"),
+        (b"az", b"aa"),
+        (b"nc", b"nd"),
+        (b"A!", b"ZZ"),
+        (b"\xffA", b"ZZ"),
+        (b"  ", b"ZZ"),
+    ],
 )
 def test_unknown_command(code: bytes, reply: bytes) -> None:
     result = process_with_result(b"HDR1" + code + b"whatever", KEYS)
@@ -361,9 +383,7 @@ def test_ca_translates_and_round_trips(pin: str) -> None:
     assert fields[18:] == b"01"
     out_block = bytes.fromhex(fields[2:18].decode())
     # Decrypt under the ZPK independently and check it is the same PIN in format 0.
-    assert ref_decrypt(ZPK.clear, out_block) == clear_block(
-        f"0{len(pin):X}{pin}".ljust(16, "F")
-    )
+    assert ref_decrypt(ZPK.clear, out_block) == clear_block(f"0{len(pin):X}{pin}".ljust(16, "F"))
     assert fields[2:18] == fields[2:18].upper()
 
 

@@ -173,3 +173,22 @@ def test_scrub_processor_directly() -> None:
         "data": {"key": "[redacted]", "pan": MASKED},
         "n": 5,
     }
+
+
+def test_numbers_upper_case_keys_and_dict_keys_are_scrubbed() -> None:
+    event = {
+        "event": "x",
+        "pan_number": int(PAN),
+        "PIN": PIN,
+        "Key": KEY,
+        "by_card": {PAN: 1},
+        "cards": {PAN},
+        "count": 42,
+    }
+    out = scrub_processor(None, "info", event)
+    assert out["pan_number"] == MASKED
+    assert out["PIN"] == "[redacted]"
+    assert out["Key"] == "[redacted]"
+    assert out["by_card"] == {MASKED: 1}
+    assert out["cards"] == [MASKED]
+    assert out["count"] == 42

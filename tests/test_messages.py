@@ -87,7 +87,10 @@ def test_every_request_mti_has_a_response_mti() -> None:
         assert not is_repeat(resp)
 
 
-@pytest.mark.parametrize("garbage", ["", "200", "02000", "02X0", "abcd", " 200", "02.0", "0200\n"])
+@pytest.mark.parametrize(
+    "garbage",
+    ["", "200", "02000", "02X0", "abcd", " 200", "02.0", "0200\n", "0210", "0290", "０２００"],
+)
 def test_response_mti_rejects_garbage(garbage: str) -> None:
     with pytest.raises(ValueError):
         response_mti(garbage)
@@ -246,7 +249,7 @@ def test_field90_roundtrip() -> None:
 @given(
     stan=_digits(6, 6),
     dt=_digits(10, 10),
-    acquirer=_digits(1, 11).filter(lambda v: v[0] != "0"),
+    acquirer=st.integers(min_value=1, max_value=99_999_999_999).map(str),
 )
 def test_field90_roundtrip_property(stan: str, dt: str, acquirer: str) -> None:
     original = {"t": "0200", "11": stan, "7": dt, "32": acquirer}
