@@ -89,7 +89,19 @@ def test_every_request_mti_has_a_response_mti() -> None:
 
 @pytest.mark.parametrize(
     "garbage",
-    ["", "200", "02000", "02X0", "abcd", " 200", "02.0", "0200\n", "0210", "0290", "０２００"],
+    [
+        "",
+        "200",
+        "02000",
+        "02X0",
+        "abcd",
+        " 200",
+        "02.0",
+        "0200\n",
+        "0210",
+        "0290",
+        "\uff10\uff12\uff10\uff10",
+    ],
 )
 def test_response_mti_rejects_garbage(garbage: str) -> None:
     with pytest.raises(ValueError):
