@@ -18,6 +18,7 @@ from hsm.client import HsmClient, HsmCommandFailed, decode_hsm_keyed
 from hsm.keyfile import KeyFile, load_key_file
 from shared import crypto
 from shared.codes import RC
+from shared.db import DatabaseError
 from shared.errors import UpstreamError
 from shared.messages import (
     MTI_ADVICE,
@@ -117,6 +118,12 @@ class BillingService(IsoService):
             # repeat of the same request gets a real answer later.
             self.log.warning("hsm_unavailable", error=type(exc).__name__)
             return make_response(msg, RC.SYSTEM_MALFUNCTION)
+        except DatabaseError as exc:
+            # The biller cannot post: it is inoperative (91), a transient condition the
+            # gateway may retry. Nothing was committed (one transaction per request), so
+            # a repeat later is processed afresh.
+            self.log.error("database_unavailable", error=str(exc)[:200])
+            return make_response(msg, RC.ISSUER_INOPERATIVE)
         return make_response(msg, RC.INVALID_TRANSACTION)  # pragma: no cover - validated
 
     async def _inquiry(self, msg: Message) -> Message:
@@ -143,6 +150,8 @@ class BillingService(IsoService):
         card = await self.in_db_thread(store.lookup_card, self.pan_hash(pan))
         if card is None:
             return await self._decline(msg, key, digest, RC.NO_SUCH_CARD)
+        if card.status != "active":
+            return await self._decline(msg, key, digest, RC.DO_NOT_HONOR)
         try:
             pin_ok = await self.hsm.verify_pin(
                 self._zpk, self._pvk, msg["52"], account_number_12(pan), card.pvki, card.pvv

@@ -1,16 +1,19 @@
-"""The gateway's transaction journal: synchronous, one short transaction per call.
+"""The gateway's transaction journal: one row per answered request.
 
-Called from a worker thread. A row is opened when a request arrives and closed with its
-response code; :func:`status_of` maps the response code to the journal status.
+:func:`journal_row` builds a row (pure), :class:`Journal` reads and writes the table
+(synchronous, in a worker thread), :class:`JournalWriter` batches the writes.
+:func:`status_of` maps a response code to the journal status.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import func, select
+import trio
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.models import JournalEntry
@@ -49,48 +52,50 @@ class JournalView:
     duration_ms: float | None
 
 
+def journal_row(
+    msg: Mapping[str, str],
+    code: str,
+    *,
+    received_at: datetime,
+    duration_ms: float,
+    pan_hash: PanHasher,
+) -> dict[str, Any]:
+    """The journal row of one answered request (pure: no I/O)."""
+    pan = msg.get("2")
+    amount = msg.get("4")
+    return {
+        "idempotency_key": idempotency_key(msg)[:64],
+        "mti": msg["t"],
+        "processing_code": msg.get("3"),
+        "stan": msg.get("11", ""),
+        "rrn": msg.get("37"),
+        "terminal_id": msg.get("41"),
+        "acquirer_id": msg.get("32"),
+        "amount": int(amount) if amount and amount.isdigit() else None,
+        "currency": msg.get("49"),
+        "bill_number": msg.get("48"),
+        "pan_masked": mask_pan(pan) if pan else None,
+        "pan_hash": pan_hash(pan) if pan else None,
+        "status": status_of(code),
+        "response_code": code,
+        "received_at": received_at,
+        "completed_at": datetime.now(UTC),
+        "duration_ms": round(duration_ms, 3),
+    }
+
+
 class Journal:
-    """Writes and reads the journal table."""
+    """Writes and reads the journal table (synchronous; call from a worker thread)."""
 
-    def __init__(self, sessions: sessionmaker[Session], pan_hash: PanHasher) -> None:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
-        self._pan_hash = pan_hash
 
-    def open(self, msg: Mapping[str, str]) -> int:
-        """Record an arriving request; returns the row id to :meth:`close` later."""
-        pan = msg.get("2")
-        amount = msg.get("4")
-        entry = JournalEntry(
-            idempotency_key=idempotency_key(msg)[:64],
-            mti=msg["t"],
-            processing_code=msg.get("3"),
-            stan=msg.get("11", ""),
-            rrn=msg.get("37"),
-            terminal_id=msg.get("41"),
-            acquirer_id=msg.get("32"),
-            amount=int(amount) if amount and amount.isdigit() else None,
-            currency=msg.get("49"),
-            bill_number=msg.get("48"),
-            pan_masked=mask_pan(pan) if pan else None,
-            pan_hash=self._pan_hash(pan) if pan else None,
-            status="received",
-            received_at=datetime.now(UTC),
-        )
+    def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert ``rows`` in one transaction (one commit for a whole batch)."""
+        if not rows:
+            return
         with transaction(self._sessions, write=True) as s:
-            s.add(entry)
-            s.flush()
-            return entry.id
-
-    def close(self, entry_id: int, code: str, duration_ms: float) -> None:
-        """Record the response code sent back for row ``entry_id``."""
-        with transaction(self._sessions, write=True) as s:
-            entry = s.get(JournalEntry, entry_id)
-            if entry is None:
-                return
-            entry.response_code = code
-            entry.status = status_of(code)
-            entry.completed_at = datetime.now(UTC)
-            entry.duration_ms = round(duration_ms, 3)
+            s.execute(insert(JournalEntry), [dict(r) for r in rows])
 
     def find(
         self, *, rrn: str | None = None, stan: str | None = None, limit: int = 50
@@ -110,14 +115,6 @@ class Journal:
         with transaction(self._sessions, write=False) as s:
             return {status: n for status, n in s.execute(q).tuples()}
 
-    def ping(self) -> bool:
-        try:
-            with transaction(self._sessions, write=False) as s:
-                s.execute(select(1))
-            return True
-        except Exception:
-            return False
-
 
 def _view(e: JournalEntry) -> JournalView:
     return JournalView(
@@ -134,3 +131,61 @@ def _view(e: JournalEntry) -> JournalView:
         received_at=e.received_at,
         duration_ms=e.duration_ms,
     )
+
+
+class JournalWriter:
+    """Writes journal rows in batches from one task: many requests, one commit.
+
+    :meth:`submit` hands a row over without waiting for the disk; the writer takes every
+    row queued since its last commit and writes them in one transaction. The journal is
+    the gateway's audit trail, not its ledger (billing's postings are; the
+    store-and-forward queue will be the gateway's durable record), so a crash may lose
+    the last batch of rows but never a payment. :meth:`flush` waits until everything
+    submitted before it is committed: readers call it to see their own writes.
+    """
+
+    def __init__(self, journal: Journal, log: Any, max_batch: int = 1000) -> None:
+        self._journal = journal
+        self._log = log
+        self._max_batch = max_batch
+        self._send, self._receive = trio.open_memory_channel[dict[str, Any] | trio.Event](10_000)
+
+    async def submit(self, row: dict[str, Any]) -> None:
+        """Queue a row (waits only if 10 000 rows are already waiting: back-pressure)."""
+        await self._send.send(row)
+
+    async def flush(self) -> None:
+        """Return once every row submitted before this call is committed."""
+        done = trio.Event()
+        await self._send.send(done)
+        await done.wait()
+
+    async def close(self) -> None:
+        """Write what is queued and stop the writer."""
+        await self.flush()
+        await self._send.aclose()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with self._receive:
+            async for first in self._receive:
+                batch: list[dict[str, Any]] = []
+                waiters: list[trio.Event] = []
+                item = first
+                while True:
+                    if isinstance(item, trio.Event):
+                        waiters.append(item)
+                    else:
+                        batch.append(item)
+                    if len(batch) >= self._max_batch:
+                        break
+                    try:
+                        item = self._receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                try:
+                    await trio.to_thread.run_sync(self._journal.write, batch)
+                except Exception:
+                    self._log.exception("journal_write_failed", rows=len(batch))
+                for w in waiters:
+                    w.set()

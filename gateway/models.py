@@ -46,7 +46,7 @@ class JournalEntry(Base):
     bill_number: Mapped[str | None] = mapped_column(String(32))
     pan_masked: Mapped[str | None] = mapped_column(String(19))
     pan_hash: Mapped[str | None] = mapped_column(String(64))
-    #: received -> approved | declined | unknown (68: outcome unknown) | failed (91/96)
+    #: approved | declined | unknown (68: outcome unknown) | failed (91/96)
     status: Mapped[str] = mapped_column(String(10))
     response_code: Mapped[str | None] = mapped_column(String(2))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

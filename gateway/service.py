@@ -3,7 +3,7 @@ forwarded to billing and answered.
 
 The path of one 0200, each step one method so later mechanisms plug in at one place:
 
-1. :meth:`dispatch` journals the request (committed before anything is forwarded);
+1. :meth:`dispatch` runs the steps below and journals the outcome;
 2. :meth:`_check_mac` asks the HSM to verify the acquirer's MAC (M8) -> 63 if wrong;
 3. :meth:`_translate_pin` re-encrypts the PIN block from the terminal key to billing's
    zone key (CA) -> 55 if the block is not a PIN at all;
@@ -12,13 +12,17 @@ The path of one 0200, each step one method so later mechanisms plug in at one pl
    **This is the seam** where the connection pool, retry with backoff, the circuit
    breaker and the store-and-forward queue plug in: they change how ``_forward`` gets
    an answer, not what the rest of the pipeline does with it;
-5. :meth:`finish` MACs the response (M6) and the journal row is closed.
+5. :meth:`finish` MACs the response (M6).
+
+The journal row (one per answered request) is handed to a batching writer after the
+answer is decided; see :class:`gateway.journal.JournalWriter` for why that is safe.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import UTC, datetime
 
 import trio
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,12 +30,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gateway.journal import Journal, JournalView
+from gateway.journal import Journal, JournalView, JournalWriter, journal_row
 from hsm.client import HsmClient, HsmCommandFailed, decode_hsm_keyed
 from hsm.keyfile import KeyFile, load_key_file
 from shared import codec
 from shared.codes import RC
-from shared.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from shared.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable, ValidationError
 from shared.http import json_error
 from shared.messages import (
     MTI_ADVICE,
@@ -47,6 +51,7 @@ from shared.messages import (
 from shared.pan import PanHasher, account_number_12
 from shared.service import IsoFrame, IsoService, decode_iso_keyed
 from shared.settings import Settings
+from shared.validation import validate_response
 
 #: payShield key type codes used with M6/M8.
 KEY_TYPE_TAK = "003"
@@ -81,19 +86,30 @@ class GatewayService(IsoService):
         hsm_link = self.add_link("hsm", settings.address("hsm"), decode_hsm_keyed)
         self.hsm = HsmClient(hsm_link, settings.hsm_timeout)
         self.journal: Journal | None = None
+        self.journal_writer: JournalWriter | None = None
 
     def prepare_database(self, sessions: sessionmaker[Session]) -> None:
-        self.journal = Journal(sessions, self.pan_hash)
+        self.journal = Journal(sessions)
+        self.journal_writer = JournalWriter(self.journal, self.log)
+
+    async def start_background(self, nursery: trio.Nursery) -> None:
+        assert self.journal_writer is not None
+        await nursery.start(self.journal_writer.run)
+
+    async def close_resources(self) -> None:
+        if self.journal_writer is not None:
+            await self.journal_writer.close()
+        await super().close_resources()
 
     # -- the pipeline -------------------------------------------------------------------------
     async def dispatch(self, frame: IsoFrame, peer: str) -> Message:
         msg = frame.msg
         if msg["t"] == MTI_NETWORK:
             return make_response(msg, RC.APPROVED)
-        journal = self.journal
-        assert journal is not None
+        writer = self.journal_writer
+        assert writer is not None
         start = trio.current_time()
-        entry_id = await self.in_db_thread(journal.open, msg)
+        received_at = datetime.now(UTC)
         try:
             await self._check_mac(frame)
             forward = await self._translate_pin(msg)
@@ -102,7 +118,15 @@ class GatewayService(IsoService):
             response = make_response(msg, d.code)
         code = response.get("39", RC.SYSTEM_MALFUNCTION)
         elapsed_ms = (trio.current_time() - start) * 1000
-        await self.in_db_thread(journal.close, entry_id, code, elapsed_ms)
+        await writer.submit(
+            journal_row(
+                msg,
+                code,
+                received_at=received_at,
+                duration_ms=elapsed_ms,
+                pan_hash=self.pan_hash,
+            )
+        )
         if code == RC.LATE_RESPONSE:
             self.log.warning("outcome_unknown", rrn=msg.get("37"), mti=msg["t"])
         return response
@@ -158,10 +182,13 @@ class GatewayService(IsoService):
         except UpstreamError:
             # The same STAN and terminal is already in flight: a duplicate transmission.
             raise _Decline(RC.DUPLICATE) from None
+        try:
+            validate_response(answer.msg)
+        except ValidationError:
+            self.log.warning("invalid_upstream_response", upstream="billing")
+            raise _Decline(RC.SYSTEM_MALFUNCTION) from None
         response = {k: v for k, v in answer.msg.items() if k not in ("52", "64", "128")}
         response["t"] = response_mti(fwd["t"])
-        if "39" not in response:
-            response["39"] = RC.SYSTEM_MALFUNCTION
         return response
 
     async def finish(self, request: Message, response: Message) -> Message:
@@ -181,13 +208,14 @@ class GatewayService(IsoService):
 
     async def _transactions(self, request: Request) -> Response:
         """``GET /transactions?rrn=...|stan=...&limit=50``: journal rows, newest first."""
-        journal = self.journal
-        if journal is None:
+        journal, writer = self.journal, self.journal_writer
+        if journal is None or writer is None:
             return json_error(503, "journal not open")
         try:
             limit = max(1, min(int(request.query_params.get("limit", "50")), 500))
         except ValueError:
             return json_error(400, "limit must be a whole number")
+        await writer.flush()  # show every answer already sent
         rows = await self.in_db_thread(
             lambda: journal.find(
                 rrn=request.query_params.get("rrn"),

@@ -1,7 +1,8 @@
 """Sans-IO host command processor of the HSM mock, after the Thales payShield command set.
 
 :func:`process` turns one request message into one response message; it does no I/O, keeps no
-state between calls and never raises. The TCP shell strips/adds the 2-byte length prefix.
+state between calls and never raises. The TCP shell strips and adds the length header
+(``PAYLAB_FRAMING``, 2-byte binary by default).
 
 Message layout (ASCII unless stated otherwise, fields concatenated without separators)::
 

@@ -6,6 +6,7 @@ Messages never contain key material, PINs or PIN blocks.
 from __future__ import annotations
 
 from shared.crypto import InvalidKeyError
+from shared.errors import PaylabError
 
 __all__ = [
     "HsmCommandError",
@@ -16,7 +17,7 @@ __all__ = [
 ]
 
 
-class HsmError(Exception):
+class HsmError(PaylabError):
     """Base class for the HSM package's errors."""
 
 

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from shared.errors import PaylabError
 from shared.settings import SERVICES, Settings, load_settings
 
 app = typer.Typer(
@@ -86,8 +87,8 @@ def _run_network(names: tuple[str, ...], data_dir: Path | None) -> None:
     try:
         network = Network(settings, names)
         trio.run(run_until_signal, network, started)
-    except* OSError as group:
-        exc = group.exceptions[0]
+    except* (OSError, PaylabError) as group:
+        exc: BaseException = group.exceptions[0]
         while isinstance(exc, BaseExceptionGroup):
             exc = exc.exceptions[0]
         if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:

@@ -41,6 +41,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.errors import PaylabError
+
 __all__ = [
     "SQLITE_BEGIN_OPTION",
     "SQLITE_BUSY_TIMEOUT_MS",
@@ -65,7 +67,7 @@ _BEGIN_MODES: Final = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 SQLITE_BUSY_TIMEOUT_MS: Final = 5000
 
 
-class DatabaseError(Exception):
+class DatabaseError(PaylabError):
     """An infrastructure failure of the database (unreachable, locked, broken schema...).
 
     Raised instead of SQLAlchemy's or alembic's own exceptions at the public boundary of the

@@ -103,14 +103,19 @@ async def serve_http(
     port: int,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    graceful_timeout: float = 5.0,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` with hypercorn on trio; ``task_status.started`` gets the bound port."""
+    """Serve ``app`` with hypercorn on trio; ``task_status.started`` gets the bound port.
+
+    When ``shutdown_trigger`` returns, no new request is accepted and requests in progress
+    get ``graceful_timeout`` seconds to finish.
+    """
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = None
-    config.graceful_timeout = 2.0
+    config.graceful_timeout = graceful_timeout
 
     async def _serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)  # type: ignore[arg-type]

@@ -34,12 +34,10 @@ def _is_secret(key: object) -> bool:
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         return _mask_text(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 10**12 <= abs(value):
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12:
         return _mask_text(str(value))  # a PAN passed as a number
     if isinstance(value, dict):
-        return {
-            _scrub(k): ("[redacted]" if _is_secret(k) else _scrub(v)) for k, v in value.items()
-        }
+        return {_scrub(k): ("[redacted]" if _is_secret(k) else _scrub(v)) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_scrub(v) for v in value]
     return value

@@ -8,7 +8,7 @@ the key that matches a response to its request on a multiplexed link, field 90.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 Message = dict[str, str]
@@ -181,9 +181,3 @@ def local_time_date(now: datetime | None = None) -> tuple[str, str]:
     """Fields 12 (hhmmss) and 13 (MMDD) in local time."""
     t = now or datetime.now().astimezone()
     return t.strftime("%H%M%S"), t.strftime("%m%d")
-
-
-def strip_security_fields(msg: MutableMapping[str, str]) -> None:
-    """Remove the PIN block and MACs (before logging or forwarding onto another key zone)."""
-    for f in ("52", "64", "128"):
-        msg.pop(f, None)

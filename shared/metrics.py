@@ -41,7 +41,7 @@ class ServiceMetrics:
         )
         self.frames_rejected = Counter(
             "paylab_iso_frames_rejected",
-            "Frames that could not be served: undecodable, oversize, invalid.",
+            "Frames not served: undecodable, framing (bad or oversize length), invalid.",
             ["reason"],
             registry=r,
         )
@@ -67,7 +67,7 @@ class ServiceMetrics:
             ["upstream"],
             registry=r,
         )
-        for reason in ("undecodable", "oversize", "invalid"):
+        for reason in ("undecodable", "framing", "invalid"):
             self.frames_rejected.labels(reason)
         # Pre-create the common series so dashboards are not empty before traffic.
         for mti in request_mtis:

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, TypeVar
 import trio
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from shared import codec
@@ -87,6 +88,7 @@ class Service:
         # serialising keeps read-check-write sequences free of races on any backend.
         self._db_limiter = trio.CapacityLimiter(1)
         self._http_stop = trio.Event()
+        self._http_done = trio.Event()
         self._server_done = trio.Event()
         self._stopping = False
 
@@ -105,6 +107,9 @@ class Service:
         upgrade(self.engine, migrations)
         self.sessions = session_factory(self.engine)
         self.prepare_database(self.sessions)
+
+    async def start_background(self, nursery: trio.Nursery) -> None:
+        """Hook: start the service's own long-running tasks (they must end on :meth:`stop`)."""
 
     def prepare_database(self, sessions: sessionmaker[Session]) -> None:
         """Hook (worker thread): build stores on ``sessions``, seed data."""
@@ -161,21 +166,14 @@ class Service:
         """Prepare, start links and listeners, report the ports, serve until stopped."""
         await self.prepare()
         async with trio.open_nursery() as nursery:
+            await self.start_background(nursery)
             for link in self.links:
                 await nursery.start(link.run)
             iso_port = await nursery.start(self._run_server)
             app = service_app(
                 self.name, self.metrics, self.health_checks(), self.routes(), self.log
             )
-            http_port = await nursery.start(
-                partial(
-                    serve_http,
-                    app,
-                    self.settings.host,
-                    self.settings.http_port(self.name),
-                    shutdown_trigger=self._http_stop.wait,
-                )
-            )
+            http_port = await nursery.start(self._run_http, app)
             self.ports = Ports(iso=iso_port, http=http_port)
             self.log.info("service_started", iso_port=iso_port, http_port=http_port)
             task_status.started(self.ports)
@@ -186,17 +184,33 @@ class Service:
         finally:
             self._server_done.set()
 
+    async def _run_http(self, app: Starlette, *, task_status: trio.TaskStatus[int]) -> None:
+        try:
+            await serve_http(
+                app,
+                self.settings.host,
+                self.settings.http_port(self.name),
+                shutdown_trigger=self._http_stop.wait,
+                graceful_timeout=self.settings.shutdown_grace,
+                task_status=task_status,
+            )
+        finally:
+            self._http_done.set()
+
     async def stop(self) -> None:
         """Drain and stop: in-flight requests are answered, then everything closes."""
         if self._stopping:
             return
         self._stopping = True
+        # Both listeners drain first (HTTP requests too may be waiting on an upstream);
+        # only then do the links and the database close under them.
         self.server.shutdown(self.settings.shutdown_grace)
+        self._http_stop.set()
         await self._server_done.wait()
+        await self._http_done.wait()
         for link in self.links:
             await link.close()
         await self.close_resources()
-        self._http_stop.set()
         self.log.info("service_stopped")
 
     async def close_resources(self) -> None:
@@ -254,6 +268,7 @@ class IsoService(Service):
                 self.log.info(
                     "invalid_request", peer=peer, mti=mti, field=exc.field, reason=str(exc)
                 )
+                self.log.debug("invalid_request_fields", message=codec.redact(msg))
                 response = make_response(msg, RC.FORMAT_ERROR)
             else:
                 response = await self.dispatch(IsoFrame(payload, msg), peer)

@@ -78,7 +78,10 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Gateway's deadline for billing's answer; then 68 to the acquirer."
     )
     gateway_timeout: float = Field(
-        10.0, gt=0, description="Acquirer's deadline for the gateway's answer."
+        15.0,
+        gt=0,
+        description="Acquirer's deadline for the gateway's answer; keep it above the gateway's "
+        "worst case (3 HSM commands + billing_timeout).",
     )
     connect_timeout: float = Field(2.0, gt=0, description="Deadline of one TCP connect.")
     shutdown_grace: float = Field(

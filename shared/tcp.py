@@ -138,7 +138,7 @@ class FramedServer:
                 try:
                     frame = parser.next_frame()
                 except FramingError as exc:
-                    self._metrics.frames_rejected.labels("oversize").inc()
+                    self._metrics.frames_rejected.labels("framing").inc()
                     self._log.warning(
                         "framing_error", listener=self.name, peer=peer, reason=str(exc)
                     )

@@ -131,3 +131,15 @@ def test_port_in_use_is_one_clear_line(env: dict[str, str], tmp_path: Path) -> N
     assert r.returncode == 1
     assert "already in use" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bad_key_file_is_one_clear_line(env: dict[str, str], tmp_path: Path) -> None:
+    bad = tmp_path / "keys.json"
+    bad.write_text("{not json")
+    env = dict(env, PAYLAB_KEY_FILE=str(bad))
+    r = subprocess.run(
+        [*PAYLAB, "hsm"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 1
+    assert "key file" in r.stderr
+    assert "Traceback" not in r.stderr

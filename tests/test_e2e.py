@@ -316,3 +316,42 @@ async def test_no_billing_link_gives_91(network: Network) -> None:
     assert body.status_code == 200
     assert body.json()["response_code"] == RC.ISSUER_INOPERATIVE
     assert body.json()["status"] == "failed"
+
+
+async def test_billing_database_failure_answers_91_then_recovers(network: Network) -> None:
+    import sqlite3
+
+    path = network.settings.data_dir / "billing.db"
+
+    def rename(a: str, b: str) -> None:
+        db = sqlite3.connect(path)
+        try:
+            db.execute(f"ALTER TABLE {a} RENAME TO {b}")
+            db.commit()
+        finally:
+            db.close()
+
+    await trio.to_thread.run_sync(rename, "bills", "bills_away")
+    body = await pay(network, "PLN-1011", 55250)
+    assert body["response_code"] == RC.ISSUER_INOPERATIVE
+    await trio.to_thread.run_sync(rename, "bills_away", "bills")
+    body = await pay(network, "PLN-1011", 55250)
+    assert body["response_code"] == "00"
+    assert await postings(network, "PLN-1011") == 1
+
+
+async def test_blocked_card_is_declined_05(network: Network) -> None:
+    import sqlite3
+
+    def block() -> None:
+        db = sqlite3.connect(network.settings.data_dir / "billing.db")
+        try:
+            db.execute("UPDATE cards SET status = 'blocked' WHERE pan_masked = '476173******0010'")
+            db.commit()
+        finally:
+            db.close()
+
+    await trio.to_thread.run_sync(block)
+    body = await pay(network, "PLN-1012", 143000)
+    assert body["response_code"] == RC.DO_NOT_HONOR
+    assert await postings(network, "PLN-1012") == 0

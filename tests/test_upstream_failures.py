@@ -169,3 +169,41 @@ async def test_stop_answers_requests_in_flight_then_closes(
         assert (answer["39"], answer["48"]) == ("00", "PLN-0001")
     assert await client.is_closed_by_peer()
     assert await idle.is_closed_by_peer()
+
+
+async def test_stop_answers_http_payments_in_flight(tmp_path: Path, nursery: trio.Nursery) -> None:
+    arrived = trio.Event()
+    release = trio.Event()
+
+    async def slow(seen: list[Message], answer: Callable[[Message], Awaitable[None]]) -> None:
+        async def later() -> None:
+            await release.wait()
+            await answer(make_response(seen[-1], "00", f38="000001"))
+
+        arrived.set()
+        nursery.start_soon(later)
+
+    port = await fake_billing(nursery, slow)
+    net = Network(
+        lab_settings(tmp_path, billing_address=f"127.0.0.1:{port}"),
+        names=("hsm", "gateway", "acquirer"),
+    )
+    await nursery.start(net.run)
+    api = f"http://127.0.0.1:{net.ports['acquirer'].http}"
+    result: dict[str, httpx.Response] = {}
+
+    async def pay() -> None:
+        async with httpx.AsyncClient(timeout=15) as client:
+            result["r"] = await client.post(
+                api + "/payments",
+                json={"bill": "PLN-0001", "amount": 150000, "pan": DEMO_PAN, "pin": DEMO_PIN},
+            )
+
+    async with trio.open_nursery() as n:
+        n.start_soon(pay)
+        await arrived.wait()
+        n.start_soon(net.stop)
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert result["r"].status_code == 200
+    assert result["r"].json()["response_code"] == "00"
