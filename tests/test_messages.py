@@ -25,7 +25,6 @@ from shared.messages import (
     original_key,
     parse_field90,
     response_mti,
-    strip_security_fields,
     transmission_datetime,
 )
 from shared.pan import PanHasher, account_number_12, luhn_digit, luhn_ok, mask_pan
@@ -190,14 +189,6 @@ def test_make_response_does_not_mutate_the_request() -> None:
     before = dict(payment)
     make_response(payment, "05", f2="", f38="X")
     assert payment == before
-
-
-def test_strip_security_fields() -> None:
-    msg = {"t": "0200", "2": PAN, "52": "0" * 16, "64": "1" * 16, "128": "2" * 16}
-    strip_security_fields(msg)
-    assert msg == {"t": "0200", "2": PAN}
-    strip_security_fields(msg)  # idempotent
-    assert msg == {"t": "0200", "2": PAN}
 
 
 # ---------------------------------------------------------------------------------------------
