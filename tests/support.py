@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from acquirer.builder import RequestBuilder, Terminal
+from acquirer.builder import RequestBuilder, StanCounter, Terminal
 from hsm.keyfile import load_key_file
 from shared import codec
 from shared.framing import FrameParser, HeaderKind, encode_frame
@@ -40,18 +40,24 @@ def lab_settings(data_dir: Path, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
-def terminal_builder(terminal_id: str = "TESTTERM") -> RequestBuilder:
-    """A request builder for a test terminal with the shipped test keys."""
-    return RequestBuilder(
-        Terminal(
-            acquirer_id="008",
-            terminal_id=terminal_id,
-            merchant_id="PAYLAB-MERCH-01",
-            currency="360",
-            tpk=KEYS.keys["TPK"].clear,
-            tak=KEYS.keys["TAK"].clear,
-        )
+def make_terminal(terminal_id: str = "TESTTERM", tak: bytes | None = None) -> Terminal:
+    """A test terminal with the shipped test keys (or another MAC key)."""
+    return Terminal(
+        acquirer_id="008",
+        terminal_id=terminal_id,
+        merchant_id="PAYLAB-MERCH-01",
+        currency="360",
+        tpk=KEYS.keys["TPK"].clear,
+        tak=KEYS.keys["TAK"].clear if tak is None else tak,
     )
+
+
+def terminal_builder(
+    terminal_id: str = "TESTTERM", stan_start: int | None = None
+) -> RequestBuilder:
+    """A request builder for a test terminal; ``stan_start`` makes its STANs predictable."""
+    stans = None if stan_start is None else StanCounter(start=stan_start)
+    return RequestBuilder(make_terminal(terminal_id), stans)
 
 
 class RawIsoClient:

@@ -6,12 +6,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from acquirer.builder import RequestBuilder, StanCounter, Terminal, make_rrn
+from acquirer.builder import RequestBuilder, StanCounter, make_rrn
 from hsm.keyfile import load_key_file
 from shared import codec
 from shared.crypto import CryptoError, decrypt_pin_block, mac_alg3
 from shared.messages import build_field90, make_response
 from shared.validation import validate_request
+from tests.support import make_terminal
 
 KEYS = load_key_file()
 TPK = KEYS.keys["TPK"].clear
@@ -20,19 +21,9 @@ PAN = "4761739001010010"
 PIN = "1234"
 
 
-def _terminal(tak: bytes = TAK) -> Terminal:
-    return Terminal(
-        acquirer_id="008",
-        terminal_id="PAYLAB01",
-        merchant_id="PAYLAB-MERCH-01",
-        currency="360",
-        tpk=TPK,
-        tak=tak,
-    )
-
-
 def _builder(start: int | None = 1000, tak: bytes = TAK) -> RequestBuilder:
-    return RequestBuilder(_terminal(tak), None if start is None else StanCounter(start=start))
+    stans = None if start is None else StanCounter(start=start)
+    return RequestBuilder(make_terminal("PAYLAB01", tak), stans)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,13 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run one ``paylab`` command to completion (bounded in time)."""
+    return subprocess.run(
+        [*PAYLAB, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -60,24 +67,10 @@ def test_up_pay_and_sigterm(env: dict[str, str], tmp_path: Path) -> None:
     try:
         api = f"http://127.0.0.1:{env['PAYLAB_ACQUIRER_HTTP_PORT']}"
         wait_ready(api + "/health", up)
-        pay = subprocess.run(
-            [*PAYLAB, "pay", "--bill", "PLN-0001", "--amount", "150000"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        pay = run_cli(["pay", "--bill", "PLN-0001", "--amount", "150000"], env, tmp_path)
         assert pay.returncode == 0, pay.stdout + pay.stderr
         assert "APPROVED" in pay.stdout
-        again = subprocess.run(
-            [*PAYLAB, "pay", "--bill", "PLN-0001", "--amount", "150000"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        again = run_cli(["pay", "--bill", "PLN-0001", "--amount", "150000"], env, tmp_path)
         assert again.returncode == 2
         assert "88" in again.stdout
     finally:
@@ -104,14 +97,7 @@ def test_up_pay_and_sigterm(env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_pay_with_nothing_listening_is_one_clear_line(env: dict[str, str], tmp_path: Path) -> None:
-    r = subprocess.run(
-        [*PAYLAB, "pay", "--bill", "PLN-0001", "--amount", "1"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_cli(["pay", "--bill", "PLN-0001", "--amount", "1"], env, tmp_path)
     assert r.returncode == 1
     assert "nothing is listening" in r.stderr
     assert "Traceback" not in r.stderr
@@ -123,9 +109,7 @@ def test_port_in_use_is_one_clear_line(env: dict[str, str], tmp_path: Path) -> N
     blocker.bind(("127.0.0.1", int(env["PAYLAB_HSM_ISO_PORT"])))
     blocker.listen()
     try:
-        r = subprocess.run(
-            [*PAYLAB, "up"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
-        )
+        r = run_cli(["up"], env, tmp_path)
     finally:
         blocker.close()
     assert r.returncode == 1
@@ -137,9 +121,7 @@ def test_bad_key_file_is_one_clear_line(env: dict[str, str], tmp_path: Path) -> 
     bad = tmp_path / "keys.json"
     bad.write_text("{not json")
     env = dict(env, PAYLAB_KEY_FILE=str(bad))
-    r = subprocess.run(
-        [*PAYLAB, "hsm"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
+    r = run_cli(["hsm"], env, tmp_path)
     assert r.returncode == 1
     assert "key file" in r.stderr
     assert "Traceback" not in r.stderr

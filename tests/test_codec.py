@@ -6,34 +6,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acquirer.builder import RequestBuilder, StanCounter, Terminal
 from hsm.keyfile import load_key_file
 from shared import codec
 from shared.errors import DecodeError, ValidationError
 from shared.messages import Message, make_response
+from tests.support import terminal_builder
 
 KEYS = load_key_file()
 PAN = "4761739001010010"
 PIN = "1234"
 
 
-def _builder() -> RequestBuilder:
-    return RequestBuilder(
-        Terminal(
-            acquirer_id="008",
-            terminal_id="PAYLAB01",
-            merchant_id="PAYLAB-MERCH-01",
-            currency="360",
-            tpk=KEYS.keys["TPK"].clear,
-            tak=KEYS.keys["TAK"].clear,
-        ),
-        StanCounter(start=41),
-    )
-
-
 def _messages() -> dict[str, Message]:
     """One message of every kind paylab puts on the wire, MACed like the real thing."""
-    b = _builder()
+    b = terminal_builder("PAYLAB01", stan_start=41)
     inquiry = b.inquiry("BILL-0001")
     payment = b.payment("BILL-0001", 125_000, PAN, PIN)
     response = b.sign(make_response(payment, "00", f38="A1B2C3", f62="PLN|JANE DOE"))

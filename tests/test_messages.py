@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from acquirer.builder import RequestBuilder, StanCounter, Terminal
+from acquirer.builder import RequestBuilder
 from hsm.keyfile import load_key_file
 from shared import codes, crypto
 from shared.codes import CODE_TABLE, RC, describe, is_transient
@@ -28,6 +28,7 @@ from shared.messages import (
     transmission_datetime,
 )
 from shared.pan import PanHasher, account_number_12, luhn_digit, luhn_ok, mask_pan
+from tests.support import terminal_builder
 
 KEYS = load_key_file()
 
@@ -41,17 +42,7 @@ PIN = "1234"
 
 
 def _builder(start: int = 500) -> RequestBuilder:
-    return RequestBuilder(
-        Terminal(
-            acquirer_id="008",
-            terminal_id="PAYLAB01",
-            merchant_id="PAYLAB-MERCH-01",
-            currency="360",
-            tpk=KEYS.keys["TPK"].clear,
-            tak=KEYS.keys["TAK"].clear,
-        ),
-        StanCounter(start=start),
-    )
+    return terminal_builder("PAYLAB01", stan_start=start)
 
 
 # ---------------------------------------------------------------------------------------------

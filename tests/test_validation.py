@@ -6,28 +6,18 @@ from collections.abc import Callable
 
 import pytest
 
-from acquirer.builder import RequestBuilder, StanCounter, Terminal
 from hsm.keyfile import load_key_file
 from shared import codec
 from shared.errors import ValidationError
 from shared.messages import Message
 from shared.validation import FIELD_RULES, MANDATORY, validate_request, validate_response
+from tests.support import terminal_builder
 
 KEYS = load_key_file()
 PAN = "4761739001010010"
 PIN = "1234"
 
-BUILDER = RequestBuilder(
-    Terminal(
-        acquirer_id="008",
-        terminal_id="PAYLAB01",
-        merchant_id="PAYLAB-MERCH-01",
-        currency="360",
-        tpk=KEYS.keys["TPK"].clear,
-        tak=KEYS.keys["TAK"].clear,
-    ),
-    StanCounter(start=100),
-)
+BUILDER = terminal_builder("PAYLAB01", stan_start=100)
 
 PAYMENT = BUILDER.payment("BILL-0001", 125_000, PAN, PIN)
 INQUIRY = BUILDER.inquiry("BILL-0001")
