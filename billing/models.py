@@ -30,14 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-#: Constraint names are spelled out so the migration can create exactly the same ones.
-NAMING_CONVENTION: Final = {
-    "ix": "ix_%(table_name)s_%(column_0_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
+from shared.db import NAMING_CONVENTION
 
 CARD_ACTIVE: Final = "active"
 CARD_BLOCKED: Final = "blocked"

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing.models import CARD_ACTIVE
 from billing.store import BillingStore, PaymentRequest, ReversalRequest
 from hsm.client import HsmClient, HsmCommandFailed, decode_hsm_keyed
 from hsm.keyfile import KeyFile, load_key_file
@@ -150,7 +151,7 @@ class BillingService(IsoService):
         card = await self.in_db_thread(store.lookup_card, self.pan_hash(pan))
         if card is None:
             return await self._decline(msg, key, digest, RC.NO_SUCH_CARD)
-        if card.status != "active":
+        if card.status != CARD_ACTIVE:
             return await self._decline(msg, key, digest, RC.DO_NOT_HONOR)
         try:
             pin_ok = await self.hsm.verify_pin(

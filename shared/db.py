@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.errors import PaylabError
 
 __all__ = [
+    "NAMING_CONVENTION",
     "SQLITE_BEGIN_OPTION",
     "SQLITE_BUSY_TIMEOUT_MS",
     "WRITE_EXECUTION_OPTIONS",
@@ -54,6 +55,15 @@ __all__ = [
     "transaction",
     "upgrade",
 ]
+
+#: Constraint and index names, spelled out so hand-written migrations create the same ones.
+NAMING_CONVENTION: Final = {
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
 
 #: Connection execution option read by the SQLite ``begin`` hook: the kind of ``BEGIN`` to emit.
 SQLITE_BEGIN_OPTION: Final = "paylab_sqlite_begin"
