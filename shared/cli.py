@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -78,9 +79,9 @@ def _run_network(names: tuple[str, ...], data_dir: Path | None) -> None:
             table.add_row(name, f"http://{settings.host}:{p.http}", f"{settings.host}:{p.iso}")
         err.print(table)
         if "acquirer" in ports:
+            err.print("Make a first payment from another terminal, in this folder:")
             err.print(
-                "Make a payment from another terminal:  "
-                "[bold]paylab pay --bill PLN-0001 --amount 150000[/]"
+                f"  [bold]{_self_command()} pay --bill PLN-0001 --amount 150000[/]", soft_wrap=True
             )
         err.print("Ctrl-C stops the network (in-flight requests are answered first).")
 
@@ -94,6 +95,18 @@ def _run_network(names: tuple[str, ...], data_dir: Path | None) -> None:
         if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
             fail(f"a port is already in use ({exc.strerror}); is paylab already running?")
         fail(f"cannot start: {exc}")
+
+
+def _self_command() -> str:
+    """How this ``paylab`` was invoked, so the hint works inside a virtual environment."""
+    exe = Path(sys.argv[0])
+    if (
+        exe.name == "paylab"
+        and exe.parent != Path()
+        and str(exe.parent) not in os.environ.get("PATH", "").split(os.pathsep)
+    ):
+        return str(exe)
+    return "paylab"
 
 
 @app.command()
@@ -154,8 +167,11 @@ def _show(data: dict[str, Any], as_json: bool) -> None:
             f"[bold {colour}]{data.get('status', '?').upper()}[/] "
             f"{data.get('kind', '')} {code} {data.get('message', '')}"
         )
-        for key in ("bill", "amount", "amount_due", "biller", "customer", "rrn", "stan", "id"):
-            if data.get(key) not in (None, ""):
+        shown = ["bill", "amount", "amount_due", "biller", "customer", "rrn", "stan", "id"]
+        if data.get("kind") == "inquiry":
+            shown.remove("amount")  # an inquiry carries no amount; amount_due is the answer
+        for key in shown:
+            if data.get(key) not in (None, "") and not (key == "amount_due" and not data[key]):
                 out.print(f"  {key:<10} {data[key]}")
     if data.get("response_code") not in ("00",):
         raise typer.Exit(2)

@@ -59,14 +59,17 @@ def scrub_processor(
     return event_dict
 
 
-def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
+def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Configure structlog (and the stdlib root logger it may receive records from).
 
-    ``fmt`` is ``json`` for machines or ``console`` for people; the scrubbing runs last
-    before rendering in both, including on exception text.
+    ``fmt`` is ``json`` for machines, ``console`` for people, or ``auto`` (console when
+    the stream is a terminal, json otherwise); the scrubbing runs before rendering in every
+    format, including on exception text.
     """
     lvl = getattr(logging, level.upper(), logging.INFO)
     out = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "console" if out.isatty() else "json"
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"

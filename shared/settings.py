@@ -118,8 +118,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level written."
     )
-    log_format: Literal["json", "console"] = Field(
-        "json", description="json (one object a line) or console (coloured, for people)."
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto",
+        description="json (one object a line), console (for people), or auto: console on a "
+        "terminal, json otherwise.",
     )
 
     def db_url(self, service: str) -> str:
