@@ -125,3 +125,72 @@ def test_bad_key_file_is_one_clear_line(env: dict[str, str], tmp_path: Path) -> 
     assert r.returncode == 1
     assert "key file" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_db_upgrade_creates_every_schema(env: dict[str, str], tmp_path: Path) -> None:
+    r = run_cli(["db", "upgrade"], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    for name in ("acquirer", "gateway", "billing"):
+        assert (tmp_path / "var" / f"{name}.db").exists()
+        assert f"{name}: schema up to date" in r.stdout
+    assert run_cli(["db", "upgrade"], env, tmp_path).returncode == 0  # idempotent
+
+
+def test_sigkill_loses_no_posting_and_a_replay_posts_nothing(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A payment approved before a crash is on disk after it; its replay is answered the same."""
+    import trio
+
+    from shared import codec
+    from shared.framing import FrameParser, encode_frame
+    from tests.support import DEMO_PAN, DEMO_PIN, terminal_builder
+
+    request = terminal_builder("KILLTEST").payment("PDAM-0001", 89900, DEMO_PAN, DEMO_PIN)
+    gateway_port = int(env["PAYLAB_GATEWAY_ISO_PORT"])
+
+    async def send() -> dict[str, str]:
+        stream = await trio.open_tcp_stream("127.0.0.1", gateway_port)
+        await stream.send_all(encode_frame(codec.encode(request)))
+        parser = FrameParser()
+        with trio.fail_after(20):
+            while not (frames := parser.frames(await stream.receive_some(65536))):
+                pass
+        await stream.aclose()
+        return codec.decode(frames[0])
+
+    def run_network() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [*PAYLAB, "up"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_ready(f"http://127.0.0.1:{env['PAYLAB_ACQUIRER_HTTP_PORT']}/health", proc)
+        return proc
+
+    first = run_network()
+    try:
+        answer = trio.run(send)
+    finally:
+        first.kill()  # SIGKILL: no drain, no clean close
+        first.wait(timeout=20)
+    assert answer["39"] == "00"
+
+    second = run_network()
+    try:
+        replay = trio.run(send)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=20)
+    assert replay["39"] == "00"
+    assert replay["38"] == answer["38"]
+    db = sqlite3.connect(tmp_path / "var" / "billing.db")
+    try:
+        (count,) = db.execute(
+            "SELECT count(*) FROM postings WHERE bill_number = 'PDAM-0001'"
+        ).fetchone()
+    finally:
+        db.close()
+    assert count == 1

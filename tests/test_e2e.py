@@ -355,3 +355,45 @@ async def test_blocked_card_is_declined_05(network: Network) -> None:
     body = await pay(network, "PLN-1012", 143000)
     assert body["response_code"] == RC.DO_NOT_HONOR
     assert await postings(network, "PLN-1012") == 0
+
+
+async def test_ascii4_framing_end_to_end(tmp_path: Path, nursery: trio.Nursery) -> None:
+    from shared.framing import HeaderKind
+
+    net = await start_network(nursery, tmp_path, framing=HeaderKind.ASCII4)
+    try:
+        client = await RawIsoClient.connect(net.ports["gateway"].iso, HeaderKind.ASCII4)
+        builder = terminal_builder()
+        answer = await client.roundtrip(builder.payment("PLN-1013", 199999, DEMO_PAN, DEMO_PIN))
+        assert answer["39"] == "00"
+        await client.aclose()
+        assert (await pay(net, "PLN-1014", 72800))["response_code"] == "00"
+    finally:
+        await net.stop()
+
+
+async def test_concurrent_payments_post_each_bill_once(network: Network) -> None:
+    """Three terminals race to pay each of ten bills: one approval and one posting per bill."""
+    bills = [f"PLN-10{n:02d}" for n in range(1, 11)]
+    amounts = {}
+    for bill in bills:
+        r = (await post(network, "/inquiries", {"bill": bill})).json()
+        amounts[bill] = r["amount_due"]
+    codes: dict[str, list[str]] = {bill: [] for bill in bills}
+
+    async def terminal(name: str) -> None:
+        builder = terminal_builder(name)
+        client = await RawIsoClient.connect(network.ports["gateway"].iso)
+        for bill in bills:
+            answer = await client.roundtrip(
+                builder.payment(bill, amounts[bill], DEMO_PAN, DEMO_PIN)
+            )
+            codes[bill].append(answer["39"])
+        await client.aclose()
+
+    async with trio.open_nursery() as n:
+        for name in ("RACE0001", "RACE0002", "RACE0003"):
+            n.start_soon(terminal, name)
+    for bill in bills:
+        assert sorted(codes[bill]) == ["00", "88", "88"], (bill, codes[bill])
+        assert await postings(network, bill) == 1
