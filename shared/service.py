@@ -26,7 +26,7 @@ from shared.db import make_engine, session_factory, upgrade
 from shared.errors import DecodeError, ValidationError
 from shared.http import HealthCheck, serve_http, service_app
 from shared.log import get_logger
-from shared.messages import REQUEST_MTIS, Message, make_response, match_key
+from shared.messages import Message, is_response, make_response, match_key
 from shared.metrics import ServiceMetrics
 from shared.settings import Settings
 from shared.tcp import FramedServer, UpstreamLink
@@ -239,8 +239,10 @@ class IsoService(Service):
     Subclasses implement :meth:`dispatch` (a valid request in, the response out) and may
     override :meth:`finish` (e.g. to add a MAC). The skeleton guarantees the wire rules:
     an undecodable frame is logged (never its content) and counted, and gets no answer
-    (there is no MTI or STAN to answer to); a decodable but invalid request gets its
-    response MTI with field 39 = 30; either way the connection stays open.
+    (there is no MTI or STAN to answer to); a decodable but invalid request, including
+    one of an MTI paylab does not handle (e.g. 0100), gets its response MTI with field
+    39 = 30; a response MTI sent to a server is counted and dropped; the connection stays
+    open in every case.
     """
 
     #: Financial requests on this listener must carry a MAC (acquirer-to-gateway link).
@@ -255,9 +257,10 @@ class IsoService(Service):
             self.log.warning("undecodable_frame", peer=peer, size=len(payload), reason=str(exc))
             return None
         mti = msg.get("t", "")
-        if mti not in REQUEST_MTIS:
+        if is_response(mti):
+            # A response sent to a server answers nothing of ours; it gets no response.
             self.metrics.frames_rejected.labels("invalid").inc()
-            self.log.warning("unexpected_mti", peer=peer, mti=mti)
+            self.log.warning("unexpected_response", peer=peer, mti=mti)
             return None
         self.metrics.in_progress.inc()
         try:

@@ -397,3 +397,15 @@ async def test_concurrent_payments_post_each_bill_once(network: Network) -> None
     for bill in bills:
         assert sorted(codes[bill]) == ["00", "88", "88"], (bill, codes[bill])
         assert await postings(network, bill) == 1
+
+
+async def test_unsupported_mti_gets_30_and_a_stray_response_is_dropped(network: Network) -> None:
+    client = await RawIsoClient.connect(network.ports["billing"].iso)
+    auth = {"t": "0100", "7": transmission_datetime(), "11": "000123", "41": "TERM0001"}
+    answer = await client.roundtrip(auth)
+    assert (answer["t"], answer["39"]) == ("0110", RC.FORMAT_ERROR)
+    await client.send({"t": "0810", "7": transmission_datetime(), "11": "000124", "39": "00"})
+    echo = {"t": MTI_NETWORK, "7": transmission_datetime(), "11": "000125", "70": NMI_ECHO}
+    answer = await client.roundtrip(echo)  # the next answer is the echo's: 0810 was dropped
+    assert (answer["t"], answer["11"]) == ("0810", "000125")
+    await client.aclose()
