@@ -45,6 +45,11 @@ class ServiceMetrics:
             ["reason"],
             registry=r,
         )
+        self.handler_errors = Counter(
+            "paylab_iso_handler_errors",
+            "Requests whose handling failed unexpectedly (a bug): logged, left unanswered.",
+            registry=r,
+        )
         self.connections = Gauge(
             "paylab_tcp_connections", "Open TCP connections on the ISO listener.", registry=r
         )

@@ -162,6 +162,7 @@ class FramedServer:
             try:
                 response = await self._handler(frame, peer)
             except Exception:
+                self._metrics.handler_errors.inc()
                 self._log.exception("handler_failed", listener=self.name, peer=peer)
                 return
             if response is None:
