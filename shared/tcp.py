@@ -337,6 +337,8 @@ class UpstreamLink(Generic[T]):
         self._conn: MultiplexedConnection[T] | None = None
         self._connected = trio.Event()
         self._stop = trio.Event()
+        # Cancelled by close(), so a connect attempt in progress does not delay shutdown.
+        self._attempt_scope = trio.CancelScope()
         metrics.upstream_calls.labels(name, "ok")
         metrics.unmatched_responses.labels(name)
 
@@ -353,8 +355,10 @@ class UpstreamLink(Generic[T]):
         task_status.started()
         delay = 0.1
         while not self._stop.is_set():
+            stream: trio.SocketStream | None = None
+            self._attempt_scope = trio.CancelScope()  # a scope is entered once only
             try:
-                with trio.fail_after(self._connect_timeout):
+                with self._attempt_scope, trio.fail_after(self._connect_timeout):
                     stream = await trio.open_tcp_stream(*self.address)
             except (OSError, trio.TooSlowError) as exc:
                 self._log.debug("connect_failed", upstream=self.name, error=type(exc).__name__)
@@ -362,6 +366,10 @@ class UpstreamLink(Generic[T]):
                     await self._stop.wait()
                 delay = min(delay * 2, self._max_delay)
                 continue
+            if stream is None or self._stop.is_set():  # closed while connecting
+                if stream is not None:
+                    await stream.aclose()
+                return
             delay = 0.1
             conn: MultiplexedConnection[T] = MultiplexedConnection(
                 stream,
@@ -412,6 +420,7 @@ class UpstreamLink(Generic[T]):
     async def close(self) -> None:
         """Stop reconnecting and close the current connection."""
         self._stop.set()
+        self._attempt_scope.cancel()
         conn = self._conn
         if conn is not None:
             await conn.aclose()

@@ -207,3 +207,33 @@ async def test_stop_answers_http_payments_in_flight(tmp_path: Path, nursery: tri
         release.set()
     assert result["r"].status_code == 200
     assert result["r"].json()["response_code"] == "00"
+
+
+async def test_link_close_stops_a_retrying_link_at_once(nursery: trio.Nursery) -> None:
+    """A link retrying a refused peer, with long delays, stops as soon as it is closed."""
+    from shared.log import get_logger
+    from shared.metrics import ServiceMetrics
+    from shared.service import decode_iso_keyed
+    from shared.tcp import UpstreamLink
+
+    link = UpstreamLink(
+        "billing",
+        ("127.0.0.1", 9),  # discard port: refused, so the link keeps retrying
+        decode_iso_keyed,
+        metrics=ServiceMetrics("test"),
+        log=get_logger("test"),
+        connect_timeout=30.0,
+        max_reconnect_delay=30.0,
+    )
+    done = trio.Event()
+
+    async def run() -> None:
+        await link.run()
+        done.set()
+
+    nursery.start_soon(run)
+    await trio.testing.wait_all_tasks_blocked()
+    with trio.fail_after(2):
+        await link.close()
+        await done.wait()
+    assert not link.connected
