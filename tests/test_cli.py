@@ -35,6 +35,18 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
     )
 
 
+def billing_postings(workdir: Path, bill: str) -> int:
+    """Postings of ``bill`` in the billing SQLite file a ``paylab`` process left behind."""
+    db = sqlite3.connect(workdir / "var" / "billing.db")
+    try:
+        (count,) = db.execute(
+            "SELECT count(*) FROM postings WHERE bill_number = ?", (bill,)
+        ).fetchone()
+    finally:
+        db.close()
+    return int(count)
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,14 +94,7 @@ def test_up_pay_and_sigterm(env: dict[str, str], tmp_path: Path) -> None:
             raise
     assert up.returncode == 0, err.decode()[-2000:]
     assert b"service_stopped" in err
-    db = sqlite3.connect(tmp_path / "var" / "billing.db")
-    try:
-        (count,) = db.execute(
-            "SELECT count(*) FROM postings WHERE bill_number = 'PLN-0001'"
-        ).fetchone()
-    finally:
-        db.close()
-    assert count == 1
+    assert billing_postings(tmp_path, "PLN-0001") == 1
     # No PAN in clear in the logs or in any database file.
     assert b"4761739001010010" not in err
     for f in (tmp_path / "var").iterdir():
@@ -186,11 +191,4 @@ def test_sigkill_loses_no_posting_and_a_replay_posts_nothing(
         second.wait(timeout=20)
     assert replay["39"] == "00"
     assert replay["38"] == answer["38"]
-    db = sqlite3.connect(tmp_path / "var" / "billing.db")
-    try:
-        (count,) = db.execute(
-            "SELECT count(*) FROM postings WHERE bill_number = 'PDAM-0001'"
-        ).fetchone()
-    finally:
-        db.close()
-    assert count == 1
+    assert billing_postings(tmp_path, "PDAM-0001") == 1

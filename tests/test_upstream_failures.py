@@ -40,6 +40,27 @@ async def fake_billing(nursery: trio.Nursery, behaviour: Behaviour) -> int:
     return int(listeners[0].socket.getsockname()[1])
 
 
+async def held_billing(nursery: trio.Nursery) -> tuple[int, trio.Event, trio.Event]:
+    """A billing that approves each request only once ``release`` is set.
+
+    Returns (port, arrived, release): ``arrived`` is set when the first request is in.
+    """
+    arrived = trio.Event()
+    release = trio.Event()
+
+    async def held(seen: list[Message], answer: Callable[[Message], Awaitable[None]]) -> None:
+        request = seen[-1]
+
+        async def later() -> None:
+            await release.wait()
+            await answer(make_response(request, "00", f4="000000000042", f38="000001"))
+
+        arrived.set()
+        nursery.start_soon(later)
+
+    return await fake_billing(nursery, held), arrived, release
+
+
 async def gateway_with_billing_at(
     nursery: trio.Nursery, tmp_path: Path, billing_port: int
 ) -> Network:
@@ -145,18 +166,8 @@ async def test_answers_out_of_order_reach_the_right_requests(
 async def test_stop_answers_requests_in_flight_then_closes(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    arrived = trio.Event()
-    release = trio.Event()
-
-    async def slow(seen: list[Message], answer: Callable[[Message], Awaitable[None]]) -> None:
-        async def later() -> None:
-            await release.wait()
-            await answer(make_response(seen[-1], "00", f4="000000000042"))
-
-        arrived.set()
-        nursery.start_soon(later)
-
-    net = await gateway_with_billing_at(nursery, tmp_path, await fake_billing(nursery, slow))
+    port, arrived, release = await held_billing(nursery)
+    net = await gateway_with_billing_at(nursery, tmp_path, port)
     client = await RawIsoClient.connect(net.ports["gateway"].iso)
     idle = await RawIsoClient.connect(net.ports["gateway"].iso)
     await client.send(terminal_builder().inquiry("PLN-0001"))
@@ -172,18 +183,7 @@ async def test_stop_answers_requests_in_flight_then_closes(
 
 
 async def test_stop_answers_http_payments_in_flight(tmp_path: Path, nursery: trio.Nursery) -> None:
-    arrived = trio.Event()
-    release = trio.Event()
-
-    async def slow(seen: list[Message], answer: Callable[[Message], Awaitable[None]]) -> None:
-        async def later() -> None:
-            await release.wait()
-            await answer(make_response(seen[-1], "00", f38="000001"))
-
-        arrived.set()
-        nursery.start_soon(later)
-
-    port = await fake_billing(nursery, slow)
+    port, arrived, release = await held_billing(nursery)
     net = Network(
         lab_settings(tmp_path, billing_address=f"127.0.0.1:{port}"),
         names=("hsm", "gateway", "acquirer"),
