@@ -29,14 +29,16 @@ from gateway.journal import status_of
 from hsm.keyfile import KeyFile, load_key_file
 from shared import codec
 from shared.codes import RC, describe
-from shared.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from shared.errors import UpstreamError
 from shared.http import json_error
 from shared.messages import (
     MTI_ADVICE,
     MTI_FINANCIAL,
     MTI_NETWORK,
     MTI_REVERSAL,
+    PC_BILL_INQUIRY,
     Message,
+    failure_code,
     make_response,
     match_key,
 )
@@ -79,12 +81,8 @@ class AcquirerService(IsoService):
             answer = await self.gateway.call(
                 frame.raw, match_key(msg), self.settings.gateway_timeout
             )
-        except UpstreamUnavailable as exc:
-            return make_response(msg, RC.LATE_RESPONSE if exc.sent else RC.ISSUER_INOPERATIVE)
-        except UpstreamTimeout:
-            return make_response(msg, RC.LATE_RESPONSE)
-        except UpstreamError:
-            return make_response(msg, RC.DUPLICATE)
+        except UpstreamError as exc:
+            return make_response(msg, failure_code(exc, msg))
         return answer.msg
 
     # -- HTTP API -------------------------------------------------------------------------------
@@ -141,26 +139,28 @@ class AcquirerService(IsoService):
             answer = await self.gateway.call(
                 codec.encode(msg), match_key(msg), self.settings.gateway_timeout
             )
-        except UpstreamUnavailable as exc:
-            code = RC.LATE_RESPONSE if exc.sent else RC.ISSUER_INOPERATIVE
-            http_status = 504 if exc.sent else 503
-            details = {"message": describe(code), "error": str(exc)}
-        except UpstreamTimeout as exc:
-            code, http_status = RC.LATE_RESPONSE, 504
-            details = {"message": describe(code), "error": str(exc)}
         except UpstreamError as exc:
-            code = RC.DUPLICATE
+            code = failure_code(exc, msg)
+            http_status = _NO_ANSWER_STATUS.get(code, 200)
+            status = status_of(code)
             details = {"message": describe(code), "error": str(exc)}
         else:
             code = answer.msg.get("39", RC.SYSTEM_MALFUNCTION)
+            status = status_of(code)
             details = _answer_details(answer.msg)
             details["mac_verified"] = self.builder.response_mac_ok(answer.raw, answer.msg)
             if not details["mac_verified"]:
+                # An answer that cannot be authenticated proves nothing about the outcome.
+                status = "unknown"
                 self.log.warning("response_mac_invalid", rrn=msg["37"])
         self.metrics.requests.labels(msg["t"], code).inc()
-        await self.in_db_thread(store.complete, tx_id, status_of(code), code, details)
-        record = await self.in_db_thread(store.get, tx_id)
+        record = await self.in_db_thread(store.complete, tx_id, status, code, details)
         return JSONResponse(record, status_code=http_status)
+
+
+#: HTTP status when no answer came: 503 if the gateway could not be reached, 504 if the
+#: request went out and the answer did not come back (the outcome is unknown).
+_NO_ANSWER_STATUS = {RC.ISSUER_INOPERATIVE: 503, RC.LATE_RESPONSE: 504}
 
 
 def _answer_details(resp: Message) -> dict[str, Any]:
@@ -169,7 +169,7 @@ def _answer_details(resp: Message) -> dict[str, Any]:
     out: dict[str, Any] = {"message": describe(code)}
     if "38" in resp:
         out["approval_code"] = resp["38"]
-    if "4" in resp and resp.get("3") == "310000":
+    if "4" in resp and resp.get("3") == PC_BILL_INQUIRY:
         out["amount_due"] = int(resp["4"])
     if "62" in resp:
         biller, _, customer = resp["62"].partition("|")

@@ -47,15 +47,17 @@ class TransactionStore:
 
     def complete(
         self, tx_id: str, status: str, code: str | None, details: Mapping[str, Any]
-    ) -> None:
+    ) -> dict[str, Any] | None:
+        """Record the outcome; returns the record as :meth:`get` would (one round trip)."""
         with transaction(self._sessions, write=True) as s:
             tx = s.get(Transaction, tx_id)
             if tx is None:
-                return
+                return None
             tx.status = status
             tx.response_code = code
             tx.response_json = json.dumps(dict(details))
             tx.completed_at = datetime.now(UTC)
+            return to_json(tx)
 
     def get(self, tx_id: str) -> dict[str, Any] | None:
         """The record as the API shows it, or None."""

@@ -35,15 +35,15 @@ from hsm.client import HsmClient, HsmCommandFailed, decode_hsm_keyed
 from hsm.keyfile import KeyFile, load_key_file
 from shared import codec
 from shared.codes import RC
-from shared.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable, ValidationError
+from shared.errors import UpstreamError, ValidationError
 from shared.http import json_error
 from shared.messages import (
     MTI_ADVICE,
     MTI_FINANCIAL,
     MTI_NETWORK,
     MTI_REVERSAL,
-    PC_BILL_INQUIRY,
     Message,
+    failure_code,
     make_response,
     match_key,
     response_mti,
@@ -171,17 +171,8 @@ class GatewayService(IsoService):
             answer = await self.billing.call(
                 codec.encode(fwd), match_key(fwd), self.settings.billing_timeout
             )
-        except UpstreamUnavailable as exc:
-            if exc.sent and not _is_inquiry(fwd):
-                raise _Decline(RC.LATE_RESPONSE) from None  # it may have been posted
-            raise _Decline(RC.ISSUER_INOPERATIVE) from None
-        except UpstreamTimeout:
-            raise _Decline(
-                RC.ISSUER_INOPERATIVE if _is_inquiry(fwd) else RC.LATE_RESPONSE
-            ) from None
-        except UpstreamError:
-            # The same STAN and terminal is already in flight: a duplicate transmission.
-            raise _Decline(RC.DUPLICATE) from None
+        except UpstreamError as exc:
+            raise _Decline(failure_code(exc, fwd)) from None
         try:
             validate_response(answer.msg)
         except ValidationError:
@@ -224,10 +215,6 @@ class GatewayService(IsoService):
             )
         )
         return JSONResponse({"items": [_row_json(r) for r in rows]})
-
-
-def _is_inquiry(msg: Message) -> bool:
-    return msg.get("3") == PC_BILL_INQUIRY and msg["t"] == MTI_FINANCIAL
 
 
 def _row_json(row: JournalView) -> dict[str, object]:

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
+from shared.codes import RC
+from shared.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
 Message = dict[str, str]
 
 # MTIs used by paylab.
@@ -181,3 +184,24 @@ def local_time_date(now: datetime | None = None) -> tuple[str, str]:
     """Fields 12 (hhmmss) and 13 (MMDD) in local time."""
     t = now or datetime.now().astimezone()
     return t.strftime("%H%M%S"), t.strftime("%m%d")
+
+
+def changes_state(msg: Mapping[str, str]) -> bool:
+    """False only for an inquiry: every other request may post or undo something upstream."""
+    return not (msg.get("t") == MTI_FINANCIAL and msg.get("3") == PC_BILL_INQUIRY)
+
+
+def failure_code(exc: UpstreamError, request: Mapping[str, str]) -> RC:
+    """The response code for a request whose upstream call produced no answer.
+
+    * nothing was sent (no link): 91;
+    * sent, but no answer (timeout, or the link dropped after sending): 68 for anything that
+      may have changed state upstream (the outcome is unknown), 91 for an inquiry (it
+      changed nothing, so "inoperative" is the whole truth);
+    * a request with the same match key already in flight on the link: 94.
+    """
+    if isinstance(exc, UpstreamUnavailable) and not exc.sent:
+        return RC.ISSUER_INOPERATIVE
+    if isinstance(exc, (UpstreamUnavailable, UpstreamTimeout)):
+        return RC.LATE_RESPONSE if changes_state(request) else RC.ISSUER_INOPERATIVE
+    return RC.DUPLICATE

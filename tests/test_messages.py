@@ -12,10 +12,13 @@ from acquirer.builder import RequestBuilder
 from hsm.keyfile import load_key_file
 from shared import codes, crypto
 from shared.codes import CODE_TABLE, RC, describe, is_transient
+from shared.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from shared.messages import (
     ECHOED_FIELDS,
     REQUEST_MTIS,
     build_field90,
+    changes_state,
+    failure_code,
     idempotency_key,
     is_repeat,
     is_response,
@@ -464,3 +467,24 @@ def test_transient_codes_are_not_final_and_approval_is_final() -> None:
         if info.transient:
             assert not info.final, rc
     assert CODE_TABLE[codes.RC.APPROVED].final
+
+
+@pytest.mark.parametrize(
+    ("error", "inquiry_code", "payment_code"),
+    [
+        (UpstreamUnavailable("no link"), "91", "91"),
+        (UpstreamUnavailable("dropped after send", sent=True), "91", "68"),
+        (UpstreamTimeout("no answer"), "91", "68"),
+        (UpstreamError("same key in flight"), "94", "94"),
+    ],
+    ids=["not-sent", "dropped-after-send", "timeout", "key-in-flight"],
+)
+def test_failure_code(error: UpstreamError, inquiry_code: str, payment_code: str) -> None:
+    b = _builder()
+    inquiry = b.inquiry("BILL-0001")
+    payment = b.payment("BILL-0001", 125_000, PAN, PIN)
+    assert not changes_state(inquiry)
+    assert changes_state(payment)
+    assert changes_state(b.reversal(payment))
+    assert failure_code(error, inquiry) == inquiry_code
+    assert failure_code(error, payment) == payment_code
