@@ -29,8 +29,23 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-out = Console()
-err = Console(stderr=True)
+
+class _Console(Console):
+    """A console that falls silent when its reader goes away (``paylab pay | head -1``).
+
+    rich's default exits with status 1 on a broken pipe, which would hide the outcome a
+    script reads from the exit code; here the output is dropped and the command goes on.
+    """
+
+    def on_broken_pipe(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, (sys.stderr if self.stderr else sys.stdout).fileno())
+        os.close(devnull)
+        self.quiet = True
+
+
+out = _Console()
+err = _Console(stderr=True)
 
 DEMO_PAN = "4761739001010010"
 DEMO_PIN = "1234"
@@ -158,6 +173,7 @@ def _post(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, 
 
 
 def _show(data: dict[str, Any], as_json: bool) -> None:
+    """Print an outcome; exit 0 only when approved (2 otherwise), even if stdout is closed."""
     if as_json:
         out.print_json(json.dumps(data))
     else:
@@ -173,7 +189,7 @@ def _show(data: dict[str, Any], as_json: bool) -> None:
         for key in shown:
             if data.get(key) not in (None, "") and not (key == "amount_due" and not data[key]):
                 out.print(f"  {key:<10} {data[key]}")
-    if data.get("response_code") not in ("00",):
+    if not data.get("approved"):  # a 00 that could not be authenticated is no success
         raise typer.Exit(2)
 
 

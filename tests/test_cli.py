@@ -85,6 +85,18 @@ def test_up_pay_and_sigterm(env: dict[str, str], tmp_path: Path) -> None:
         again = run_cli(["pay", "--bill", "PLN-0001", "--amount", "150000"], env, tmp_path)
         assert again.returncode == 2
         assert "88" in again.stdout
+        # A reader that goes away (`| head -1`) must not change the exit code: the pipe is
+        # closed before the command (still importing and asking the API) writes anything.
+        piped = subprocess.Popen(
+            [*PAYLAB, "inquire", "--bill", "PLN-0001"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert piped.stdout is not None
+        piped.stdout.close()
+        assert piped.wait(timeout=60) == 2  # declined 88: the bill is paid
     finally:
         up.send_signal(signal.SIGTERM)
         try:
