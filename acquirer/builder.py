@@ -20,25 +20,13 @@ from shared.messages import (
     PC_BILL_INQUIRY,
     PC_BILL_PAYMENT,
     Message,
+    StanCounter,
     build_field90,
     local_time_date,
     transmission_datetime,
 )
 
-
-class StanCounter:
-    """System trace audit numbers 000001..999999, wrapping, starting at a random point.
-
-    The random start keeps a restarted acquirer from reusing the STANs of the previous
-    run in the same second (the idempotency key includes the transmission time too).
-    """
-
-    def __init__(self, start: int | None = None) -> None:
-        self._n = start if start is not None else secrets.randbelow(999_999)
-
-    def next(self) -> str:
-        self._n = self._n % 999_999 + 1
-        return f"{self._n:06d}"
+__all__ = ["RequestBuilder", "StanCounter", "Terminal", "make_rrn"]
 
 
 def make_rrn(stan: str, now: datetime) -> str:

@@ -38,11 +38,12 @@ from shared.messages import (
     MTI_REVERSAL,
     PC_BILL_INQUIRY,
     Message,
+    changes_state,
     failure_code,
     make_response,
     match_key,
 )
-from shared.service import IsoFrame, IsoService, decode_iso_keyed
+from shared.service import IsoDialect, IsoFrame, IsoService, decode_iso_keyed
 from shared.settings import Settings
 
 
@@ -66,7 +67,9 @@ class AcquirerService(IsoService):
                 tak=keys.keys["TAK"].clear,
             )
         )
-        self.gateway = self.add_link("gateway", settings.address("gateway"), decode_iso_keyed)
+        self.gateway = self.add_link(
+            "gateway", settings.address("gateway"), decode_iso_keyed, IsoDialect()
+        )
         self.store: TransactionStore | None = None
 
     def prepare_database(self, sessions: sessionmaker[Session]) -> None:
@@ -79,7 +82,10 @@ class AcquirerService(IsoService):
             return make_response(msg, RC.APPROVED)
         try:
             answer = await self.gateway.call(
-                frame.raw, match_key(msg), self.settings.gateway_timeout
+                frame.raw,
+                match_key(msg),
+                timeout=self.settings.gateway_timeout,
+                resend_safe=not changes_state(msg),
             )
         except UpstreamError as exc:
             return make_response(msg, failure_code(exc, msg))
@@ -137,7 +143,10 @@ class AcquirerService(IsoService):
         code: str
         try:
             answer = await self.gateway.call(
-                codec.encode(msg), match_key(msg), self.settings.gateway_timeout
+                codec.encode(msg),
+                match_key(msg),
+                timeout=self.settings.gateway_timeout,
+                resend_safe=not changes_state(msg),
             )
         except UpstreamError as exc:
             code = failure_code(exc, msg)
@@ -155,6 +164,9 @@ class AcquirerService(IsoService):
                 self.log.warning("response_mac_invalid", rrn=msg["37"])
         self.metrics.requests.labels(msg["t"], code).inc()
         record = await self.in_db_thread(store.complete, tx_id, status, code, details)
+        if code == RC.ACTIVITY_LIMIT:
+            # The gateway's rate limit: HTTP says so, and when to come back.
+            return JSONResponse(record, status_code=429, headers={"Retry-After": "1"})
         return JSONResponse(record, status_code=http_status)
 
 

@@ -1,8 +1,9 @@
 """Async client of the HSM, used by the gateway and billing.
 
 It turns the sans-IO builders of :mod:`hsm.protocol` into calls over an
-:class:`~shared.tcp.UpstreamLink`. The 4-character message header is the correlation
-key: many commands are in flight on one connection and each answer finds its caller.
+:class:`~shared.upstream.Upstream` (pool, breaker, retry). The 4-character message header
+is the correlation key: many commands are in flight on one connection and each answer
+finds its caller. HSM commands change nothing, so every one is safe to resend.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Hashable
 from hsm import protocol
 from hsm.protocol import HsmResponse
 from shared.errors import UpstreamError
-from shared.tcp import UpstreamLink
+from shared.upstream import Upstream
 
 
 class HsmCommandFailed(UpstreamError):
@@ -31,10 +32,38 @@ def decode_hsm_keyed(payload: bytes) -> tuple[Hashable, HsmResponse]:
     return resp.header, resp
 
 
+class HsmDialect:
+    """The pool's view of an HSM link: NC is the heartbeat; there is no sign-on or off.
+
+    Heartbeat headers start with ``H`` so they never collide with the client's numeric
+    headers on the same connection.
+    """
+
+    def __init__(self) -> None:
+        self._n = itertools.cycle(range(1000))
+
+    def echo(self) -> tuple[bytes, Hashable]:
+        header = f"H{next(self._n):03d}"
+        return protocol.build_nc(header), header
+
+    def sign_on(self) -> tuple[bytes, Hashable] | None:
+        return None
+
+    def sign_off(self) -> tuple[bytes, Hashable] | None:
+        return None
+
+    def accepted(self, response: HsmResponse) -> bool:
+        return response.error == "00"
+
+    def failed_answer(self, response: HsmResponse) -> str | None:
+        """HSM error codes are answers about the command, never a reason to resend."""
+        return None
+
+
 class HsmClient:
     """Typed HSM commands. Errors: :class:`~shared.errors.UpstreamError` subclasses."""
 
-    def __init__(self, link: UpstreamLink[HsmResponse], timeout: float) -> None:
+    def __init__(self, link: Upstream[HsmResponse], timeout: float) -> None:
         self._link = link
         self._timeout = timeout
         self._headers = itertools.cycle(range(10000))
@@ -43,7 +72,7 @@ class HsmClient:
         return f"{next(self._headers):04d}"
 
     async def _call(self, request: bytes, header: str) -> HsmResponse:
-        return await self._link.call(request, header, self._timeout)
+        return await self._link.call(request, header, timeout=self._timeout, resend_safe=True)
 
     async def diagnostics(self) -> HsmResponse:
         """NC: the HSM is alive and has its LMK loaded."""

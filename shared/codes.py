@@ -22,6 +22,7 @@ class RC(StrEnum):
     FORMAT_ERROR = "30"
     WRONG_PIN = "55"
     SECURITY_VIOLATION = "63"
+    ACTIVITY_LIMIT = "65"
     LATE_RESPONSE = "68"
     BILL_ALREADY_PAID = "88"
     ISSUER_INOPERATIVE = "91"
@@ -53,6 +54,9 @@ CODE_TABLE: dict[RC, CodeInfo] = {
         CodeInfo(RC.FORMAT_ERROR, "format error", final=True, transient=False),
         CodeInfo(RC.WRONG_PIN, "incorrect PIN", final=True, transient=False),
         CodeInfo(RC.SECURITY_VIOLATION, "security violation (MAC check failed)", True, False),
+        # A rate limit said no: not a network fault (never retried by the gateway), but
+        # not final either: the same request later may pass.
+        CodeInfo(RC.ACTIVITY_LIMIT, "activity limit exceeded (rate limited)", False, False),
         CodeInfo(RC.LATE_RESPONSE, "response received too late (outcome unknown)", False, True),
         CodeInfo(RC.BILL_ALREADY_PAID, "bill already paid", final=True, transient=False),
         CodeInfo(RC.ISSUER_INOPERATIVE, "issuer or switch inoperative", False, True),

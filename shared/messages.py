@@ -8,6 +8,7 @@ the key that matches a response to its request on a multiplexed link, field 90.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -175,6 +176,11 @@ def original_key(reversal: Mapping[str, str], acquirer_width: int | None = None)
     return "|".join((acq, reversal.get("41", ""), f90["stan"], f90["datetime"]))
 
 
+def network_request(nmi: str, stan: str, now: datetime | None = None) -> Message:
+    """A network management request (0800): sign-on 001, sign-off 002 or echo 301."""
+    return {"t": MTI_NETWORK, "7": transmission_datetime(now), "11": stan, "70": nmi}
+
+
 def transmission_datetime(now: datetime | None = None) -> str:
     """Field 7: MMDDhhmmss in UTC."""
     return (now or datetime.now(UTC)).strftime("%m%d%H%M%S")
@@ -205,3 +211,18 @@ def failure_code(exc: UpstreamError, request: Mapping[str, str]) -> RC:
     if isinstance(exc, (UpstreamUnavailable, UpstreamTimeout)):
         return RC.LATE_RESPONSE if changes_state(request) else RC.ISSUER_INOPERATIVE
     return RC.DUPLICATE
+
+
+class StanCounter:
+    """System trace audit numbers 000001..999999, wrapping, starting at a random point.
+
+    The random start keeps a restarted acquirer from reusing the STANs of the previous
+    run in the same second (the idempotency key includes the transmission time too).
+    """
+
+    def __init__(self, start: int | None = None) -> None:
+        self._n = start if start is not None else secrets.randbelow(999_999)
+
+    def next(self) -> str:
+        self._n = self._n % 999_999 + 1
+        return f"{self._n:06d}"

@@ -4,7 +4,7 @@
 handler task per whole frame (so a slow request never blocks the next one on the same
 connection) and writes whatever the handler returns. :class:`MultiplexedConnection` is
 the client side of one connection with many requests in flight, matched to responses by
-a key. :class:`UpstreamLink` keeps one such connection to a peer and reconnects it.
+a key; :class:`shared.pool.UpstreamPool` keeps several of them to a peer.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import trio
 from shared.errors import FramingError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from shared.framing import DEFAULT_MAX_FRAME, FrameParser, HeaderKind, encode_frame
 from shared.metrics import ServiceMetrics
+from shared.ratelimit import ConnectionLimiter
 
 T = TypeVar("T")
 _READ_SIZE = 65536
@@ -35,6 +36,9 @@ class FramedServer:
     * at most ``max_in_flight`` frames per connection are in progress; beyond it the
       server stops reading that connection (TCP back-pressure), it does not drop frames;
     * a handler exception is logged and counted; the connection and the server live on;
+    * a connection beyond ``max_connections_per_source`` from one address, or beyond
+      ``max_connections`` overall (0: no limit), is closed at once, logged and counted;
+      everyone else keeps being served;
     * a framing error (oversize or malformed length) is logged without content, counted,
       and closes that connection after its in-flight requests are answered;
     * :meth:`shutdown` stops accepting and reading, lets in-flight requests finish within
@@ -53,6 +57,8 @@ class FramedServer:
         kind: HeaderKind = HeaderKind.BINARY2,
         max_frame: int = DEFAULT_MAX_FRAME,
         max_in_flight: int = 256,
+        max_connections_per_source: int = 0,
+        max_connections: int = 0,
     ) -> None:
         self.name = name
         self.host = host
@@ -67,6 +73,9 @@ class FramedServer:
         self._reader_scopes: set[trio.CancelScope] = set()
         self._conn_nursery: trio.Nursery | None = None
         self._closing = False
+        self._conn_limits = ConnectionLimiter(
+            per_source=max_connections_per_source, total=max_connections
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until :meth:`shutdown` (or cancellation). Reports the bound port."""
@@ -99,7 +108,19 @@ class FramedServer:
             host, port = stream.socket.getpeername()[:2]
             peer = f"{host}:{port}"
         except OSError:
-            peer = "?"
+            host, peer = "?", "?"
+        refused = self._conn_limits.acquire(host)
+        if refused is not None:
+            self._metrics.connections_refused.labels(refused).inc()
+            self._log.warning("connection_refused", listener=self.name, peer=peer, limit=refused)
+            await stream.aclose()
+            return
+        try:
+            await self._serve_accepted(stream, peer)
+        finally:
+            self._conn_limits.release(host)
+
+    async def _serve_accepted(self, stream: trio.SocketStream, peer: str) -> None:
         parser = FrameParser(self._kind, self._max_frame)
         send_lock = trio.Lock()
         slots = trio.Semaphore(self._max_in_flight)
@@ -216,6 +237,9 @@ class MultiplexedConnection(Generic[T]):
         self._pending: dict[Hashable, _Waiter] = {}
         self._send_lock = trio.Lock()
         self.closed = False
+        #: Set once the connection has ended (peer closed, broken, or closed by us).
+        self.closed_event = trio.Event()
+        #: When a response (or an echo answer) last arrived: heartbeats go out after idling.
         self.last_activity = trio.current_time()
 
     @property
@@ -257,6 +281,7 @@ class MultiplexedConnection(Generic[T]):
 
     def _fail_all(self) -> None:
         self.closed = True
+        self.closed_event.set()
         for waiter in self._pending.values():
             waiter.error = UpstreamUnavailable("connection closed before the answer", sent=True)
             waiter.event.set()
@@ -296,131 +321,6 @@ class MultiplexedConnection(Generic[T]):
                 del self._pending[key]
 
     async def aclose(self) -> None:
+        """Close the stream; :meth:`run` then fails every caller still waiting."""
         self.closed = True
         await self._stream.aclose()
-
-
-class UpstreamLink(Generic[T]):
-    """A single self-reconnecting connection to one upstream peer.
-
-    :meth:`run` keeps a connection up: connect, serve responses until it drops, wait,
-    connect again (delay doubling from 0.1 s to ``max_reconnect_delay``). :meth:`call`
-    uses the current connection; with none, it waits up to ``connect_timeout`` for one
-    and then raises :class:`UpstreamUnavailable`. This is the seam where the connection
-    pool, heartbeats, retry and circuit breaker plug in.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        address: tuple[str, int],
-        decode: Callable[[bytes], tuple[Hashable, T]],
-        *,
-        metrics: ServiceMetrics,
-        log: Any,
-        kind: HeaderKind = HeaderKind.BINARY2,
-        max_frame: int = DEFAULT_MAX_FRAME,
-        connect_timeout: float = 2.0,
-        max_reconnect_delay: float = 2.0,
-        on_unmatched: Callable[[bytes, Hashable | None], None] | None = None,
-    ) -> None:
-        self.name = name
-        self.address = address
-        self._decode = decode
-        self._metrics = metrics
-        self._log = log
-        self._kind = kind
-        self._max_frame = max_frame
-        self._connect_timeout = connect_timeout
-        self._max_delay = max_reconnect_delay
-        self._on_unmatched = on_unmatched or self._default_unmatched
-        self._conn: MultiplexedConnection[T] | None = None
-        self._connected = trio.Event()
-        self._stop = trio.Event()
-        # Cancelled by close(), so a connect attempt in progress does not delay shutdown.
-        self._attempt_scope = trio.CancelScope()
-        metrics.upstream_calls.labels(name, "ok")
-        metrics.unmatched_responses.labels(name)
-
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None and not self._conn.closed
-
-    def _default_unmatched(self, payload: bytes, key: Hashable | None) -> None:
-        self._metrics.unmatched_responses.labels(self.name).inc()
-        self._log.warning("unmatched_response", upstream=self.name, size=len(payload))
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Maintain the connection until :meth:`close` or cancellation."""
-        task_status.started()
-        delay = 0.1
-        while not self._stop.is_set():
-            stream: trio.SocketStream | None = None
-            self._attempt_scope = trio.CancelScope()  # a scope is entered once only
-            try:
-                with self._attempt_scope, trio.fail_after(self._connect_timeout):
-                    stream = await trio.open_tcp_stream(*self.address)
-            except (OSError, trio.TooSlowError) as exc:
-                self._log.debug("connect_failed", upstream=self.name, error=type(exc).__name__)
-                with trio.move_on_after(delay):
-                    await self._stop.wait()
-                delay = min(delay * 2, self._max_delay)
-                continue
-            if stream is None or self._stop.is_set():  # closed while connecting
-                if stream is not None:
-                    await stream.aclose()
-                return
-            delay = 0.1
-            conn: MultiplexedConnection[T] = MultiplexedConnection(
-                stream,
-                self._decode,
-                kind=self._kind,
-                max_frame=self._max_frame,
-                on_unmatched=self._on_unmatched,
-            )
-            self._conn = conn
-            self._connected.set()
-            self._log.info(
-                "upstream_connected",
-                upstream=self.name,
-                address=f"{self.address[0]}:{self.address[1]}",
-            )
-            try:
-                await conn.run()
-            finally:
-                self._conn = None
-                self._connected = trio.Event()
-            if not self._stop.is_set():
-                self._log.warning("upstream_disconnected", upstream=self.name)
-
-    async def call(self, payload: bytes, key: Hashable, timeout: float) -> T:
-        """Send one request and return its decoded response (see MultiplexedConnection)."""
-        start = trio.current_time()
-        conn = self._conn
-        if conn is None or conn.closed:
-            with trio.move_on_after(min(timeout, self._connect_timeout)):
-                await self._connected.wait()
-            conn = self._conn
-            if conn is None or conn.closed:
-                self._metrics.upstream_calls.labels(self.name, "unavailable").inc()
-                raise UpstreamUnavailable(f"no connection to {self.name}")
-        remaining = max(timeout - (trio.current_time() - start), 0.001)
-        try:
-            result = await conn.request(payload, key, remaining)
-        except UpstreamTimeout:
-            self._metrics.upstream_calls.labels(self.name, "timeout").inc()
-            raise
-        except UpstreamUnavailable:
-            self._metrics.upstream_calls.labels(self.name, "unavailable").inc()
-            raise
-        self._metrics.upstream_calls.labels(self.name, "ok").inc()
-        self._metrics.upstream_duration.labels(self.name).observe(trio.current_time() - start)
-        return result
-
-    async def close(self) -> None:
-        """Stop reconnecting and close the current connection."""
-        self._stop.set()
-        self._attempt_scope.cancel()
-        conn = self._conn
-        if conn is not None:
-            await conn.aclose()

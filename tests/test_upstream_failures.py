@@ -22,7 +22,10 @@ Behaviour = Callable[[list[Message], Callable[[Message], Awaitable[None]]], Awai
 
 
 async def fake_billing(nursery: trio.Nursery, behaviour: Behaviour) -> int:
-    """A TCP listener speaking ISO-8583 frames whose answers ``behaviour`` decides."""
+    """A TCP listener speaking ISO-8583 frames whose answers ``behaviour`` decides.
+
+    Network management (0800: sign-on, echo) is answered 00 at once, like a live host.
+    """
 
     async def serve(stream: trio.SocketStream) -> None:
         parser = FrameParser()
@@ -33,7 +36,11 @@ async def fake_billing(nursery: trio.Nursery, behaviour: Behaviour) -> int:
 
         async for data in stream:
             for frame in parser.frames(data):
-                seen.append(codec.decode(frame))
+                msg = codec.decode(frame)
+                if msg["t"] == "0800":
+                    await answer(make_response(msg, "00"))
+                    continue
+                seen.append(msg)
                 await behaviour(seen, answer)
 
     listeners = await nursery.start(trio.serve_tcp, serve, 0)
@@ -101,9 +108,11 @@ async def test_silent_billing_gives_68_and_is_journaled_unknown(
     await net.stop()
 
 
-async def test_late_answer_is_counted_not_delivered_to_another_request(
+async def test_timed_out_inquiry_is_retried_and_its_late_answer_counted(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
+    """An inquiry is safe to resend: its timeout is retried; the late first answer is
+    counted as unmatched and never handed to another request."""
     release = trio.Event()
 
     async def late(seen: list[Message], answer: Callable[[Message], Awaitable[None]]) -> None:
@@ -120,12 +129,14 @@ async def test_late_answer_is_counted_not_delivered_to_another_request(
     net = await gateway_with_billing_at(nursery, tmp_path, await fake_billing(nursery, late))
     builder = terminal_builder()
     client = await RawIsoClient.connect(net.ports["gateway"].iso)
-    assert (await client.roundtrip(builder.inquiry("PLN-0001")))["39"] == RC.ISSUER_INOPERATIVE
+    first = await client.roundtrip(builder.inquiry("PLN-0001"))
+    assert (first["39"], first["48"]) == ("00", "PLN-0001")
+    registry = net.services["gateway"].metrics.registry
+    retries = {"upstream": "billing", "reason": "timeout"}
+    assert registry.get_sample_value("paylab_upstream_retries_total", retries) == 1
     release.set()
     second = await client.roundtrip(builder.inquiry("PLN-0002"))
     assert (second["39"], second["48"]) == ("00", "PLN-0002")
-    gateway = net.services["gateway"]
-    registry = gateway.metrics.registry
     with trio.fail_after(5):
         while not registry.get_sample_value(
             "paylab_upstream_unmatched_responses_total", {"upstream": "billing"}
@@ -209,31 +220,32 @@ async def test_stop_answers_http_payments_in_flight(tmp_path: Path, nursery: tri
     assert result["r"].json()["response_code"] == "00"
 
 
-async def test_link_close_stops_a_retrying_link_at_once(nursery: trio.Nursery) -> None:
-    """A link retrying a refused peer, with long delays, stops as soon as it is closed."""
+async def test_pool_close_stops_a_reconnecting_pool_at_once(nursery: trio.Nursery) -> None:
+    """A pool retrying a refused peer, with long delays, stops as soon as it is closed."""
+    from shared.backoff import Backoff
     from shared.log import get_logger
     from shared.metrics import ServiceMetrics
-    from shared.service import decode_iso_keyed
-    from shared.tcp import UpstreamLink
+    from shared.pool import PoolConfig, UpstreamPool
+    from shared.service import IsoDialect, decode_iso_keyed
 
-    link = UpstreamLink(
+    pool = UpstreamPool(
         "billing",
-        ("127.0.0.1", 9),  # discard port: refused, so the link keeps retrying
+        ("127.0.0.1", 9),  # discard port: refused, so the pool keeps reconnecting
         decode_iso_keyed,
+        IsoDialect(),
         metrics=ServiceMetrics("test"),
         log=get_logger("test"),
-        connect_timeout=30.0,
-        max_reconnect_delay=30.0,
+        config=PoolConfig(connect_timeout=30.0, reconnect=Backoff(30.0, 2.0, 30.0, 1)),
     )
     done = trio.Event()
 
     async def run() -> None:
-        await link.run()
+        await pool.run()
         done.set()
 
     nursery.start_soon(run)
     await trio.testing.wait_all_tasks_blocked()
     with trio.fail_after(2):
-        await link.close()
+        await pool.close()
         await done.wait()
-    assert not link.connected
+    assert not pool.connected
