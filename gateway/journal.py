@@ -19,7 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.models import JournalEntry
 from shared.codes import RC
 from shared.db import transaction
-from shared.messages import idempotency_key
+from shared.messages import (
+    MTI_REVERSAL,
+    MTI_REVERSAL_REPEAT,
+    idempotency_key,
+    original_key,
+)
 from shared.pan import PanHasher, mask_pan
 
 
@@ -81,7 +86,18 @@ def journal_row(
         "received_at": received_at,
         "completed_at": datetime.now(UTC),
         "duration_ms": round(duration_ms, 3),
+        "original_key": _original_key(msg),
     }
+
+
+def _original_key(msg: Mapping[str, str]) -> str | None:
+    """The payment a reversal undoes (from field 90), so reconciliation can pair them."""
+    if msg.get("t") not in (MTI_REVERSAL, MTI_REVERSAL_REPEAT) or "90" not in msg:
+        return None
+    try:
+        return original_key(msg)[:64]
+    except ValueError:  # a malformed field 90 was answered 30; nothing to pair
+        return None
 
 
 class Journal:
