@@ -4,6 +4,10 @@ The ISO side is this module; the money rules live in :mod:`billing.store` (one d
 transaction per request, idempotent by the transaction's key). Database work runs in a
 worker thread, one at a time per process: SQLite has one writer anyway, and serialising
 keeps "check the key, post, store the answer" free of races on any database.
+
+Business metrics (:class:`shared.metrics.BusinessMetrics`) count each fresh outcome once,
+where it is decided: payments and advices by biller and response code with the approved
+amounts, inquiries, reversals; a replayed answer counts as a replay only.
 """
 
 from __future__ import annotations
@@ -11,15 +15,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing.models import CARD_ACTIVE
+from billing.models import CARD_ACTIVE, Bill
 from billing.store import BillingStore, PaymentRequest, ReversalRequest
-from hsm.client import HsmClient, HsmCommandFailed, decode_hsm_keyed
+from hsm.client import HsmClient, HsmCommandFailed, HsmDialect, decode_hsm_keyed
 from hsm.keyfile import KeyFile, load_key_file
 from shared import crypto
 from shared.codes import RC
-from shared.db import DatabaseError
+from shared.db import DatabaseError, transaction
 from shared.errors import UpstreamError
 from shared.messages import (
     MTI_ADVICE,
@@ -34,6 +39,7 @@ from shared.messages import (
     make_response,
     original_key,
 )
+from shared.metrics import UNKNOWN_BILLER, BusinessMetrics
 from shared.pan import PanHasher, account_number_12, mask_pan
 from shared.service import IsoFrame, IsoService
 from shared.settings import Settings
@@ -85,9 +91,10 @@ class BillingService(IsoService):
         self.pan_hash = PanHasher(settings.pan_hash_key.encode())
         self._zpk = self.keys.keys["ZPK"].under_lmk
         self._pvk = self.keys.keys["PVK"].under_lmk
-        hsm_link = self.add_link("hsm", settings.address("hsm"), decode_hsm_keyed)
+        hsm_link = self.add_link("hsm", settings.address("hsm"), decode_hsm_keyed, HsmDialect())
         self.hsm = HsmClient(hsm_link, settings.hsm_timeout)
         self.store: BillingStore | None = None
+        self.business = BusinessMetrics(self.metrics.registry)
 
     # -- set-up -------------------------------------------------------------------------------
     def prepare_database(self, sessions: sessionmaker[Session]) -> None:
@@ -98,6 +105,9 @@ class BillingService(IsoService):
         )
         if seeded:
             self.log.info("demo_data_seeded")
+        with transaction(sessions, write=False) as session:
+            billers = session.scalars(select(Bill.biller).distinct()).all()
+        self.business.add_billers(billers)
 
     # -- requests -----------------------------------------------------------------------------
     async def dispatch(self, frame: IsoFrame, peer: str) -> Message:
@@ -118,18 +128,30 @@ class BillingService(IsoService):
             # The HSM could not be asked: a transient malfunction, never stored, so a
             # repeat of the same request gets a real answer later.
             self.log.warning("hsm_unavailable", error=type(exc).__name__)
-            return make_response(msg, RC.SYSTEM_MALFUNCTION)
+            return self._failed(msg, RC.SYSTEM_MALFUNCTION)
         except DatabaseError as exc:
             # The biller cannot post: it is inoperative (91), a transient condition the
             # gateway may retry. Nothing was committed (one transaction per request), so
             # a repeat later is processed afresh.
             self.log.error("database_unavailable", error=str(exc)[:200])
-            return make_response(msg, RC.ISSUER_INOPERATIVE)
+            return self._failed(msg, RC.ISSUER_INOPERATIVE)
         return make_response(msg, RC.INVALID_TRANSACTION)  # pragma: no cover - validated
+
+    def _failed(self, msg: Message, code: RC) -> Message:
+        """The answer to a request that failed for a transient reason, counted as such."""
+        mti = msg["t"]
+        if mti in (MTI_REVERSAL, MTI_REVERSAL_REPEAT):
+            self.business.reversals.labels(code.value).inc()
+        elif mti == MTI_FINANCIAL and msg.get("3") == PC_BILL_INQUIRY:
+            self.business.inquiries.labels(UNKNOWN_BILLER, code.value).inc()
+        elif mti != MTI_NETWORK:
+            self.business.payment(_source(mti), code.value, None, None)
+        return make_response(msg, code)
 
     async def _inquiry(self, msg: Message) -> Message:
         assert self.store is not None
         res = await self.in_db_thread(self.store.inquire, msg["48"])
+        self.business.inquiries.labels(res.biller or UNKNOWN_BILLER, res.code).inc()
         if res.code != RC.APPROVED:
             return make_response(msg, res.code)
         return make_response(
@@ -146,6 +168,7 @@ class BillingService(IsoService):
         key, digest = idempotency_key(msg), request_digest(msg)
         stored = await self.in_db_thread(store.replay, key, digest)
         if stored is not None:
+            self.business.replays.labels(_source(msg["t"])).inc()
             return make_response(msg, stored.code, **iso_fields(stored.fields))
         pan = msg["2"]
         card = await self.in_db_thread(store.lookup_card, self.pan_hash(pan))
@@ -170,6 +193,10 @@ class BillingService(IsoService):
         stored = await self.in_db_thread(
             self.store.record_decline, key, digest, msg["t"], code.value, {}
         )
+        if stored.replayed:
+            self.business.replays.labels(_source(msg["t"])).inc()
+        else:
+            self.business.payment(_source(msg["t"]), stored.code, None, None)
         return make_response(msg, stored.code, **iso_fields(stored.fields))
 
     async def _post(self, msg: Message, mti: str) -> Message:
@@ -192,6 +219,9 @@ class BillingService(IsoService):
         res = await self.in_db_thread(self.store.pay, req)
         if res.replayed:
             self.log.info("payment_replayed", rrn=msg["37"], code=res.code)
+            self.business.replays.labels(_source(mti)).inc()
+        else:
+            self.business.payment(_source(mti), res.code, res.biller, res.amount)
         return make_response(msg, res.code, **iso_fields(res.fields))
 
     async def _reversal(self, msg: Message) -> Message:
@@ -204,4 +234,11 @@ class BillingService(IsoService):
             mti=msg["t"],
         )
         res = await self.in_db_thread(self.store.reverse, req)
+        if not res.replayed:
+            self.business.reversals.labels(res.code).inc()
         return make_response(msg, res.code)
+
+
+def _source(mti: str) -> str:
+    """The ``source`` label of a payment: an advice (0220/0221) or online (0200)."""
+    return "advice" if mti in (MTI_ADVICE, MTI_ADVICE_REPEAT) else "online"

@@ -4,7 +4,9 @@ forwarded to billing and answered.
 The path of one 0200, each step one method so later mechanisms plug in at one place:
 
 1. :meth:`dispatch` runs the steps below and journals the outcome;
-2. :meth:`_check_mac` asks the HSM to verify the acquirer's MAC (M8) -> 63 if wrong;
+2. :meth:`_check_limit`: the rate limits (institution, terminal; payments per card after
+   the MAC) -> 65;
+   :meth:`_check_mac` asks the HSM to verify the acquirer's MAC (M8) -> 63 if wrong;
 3. :meth:`_translate_pin` re-encrypts the PIN block from the terminal key to billing's
    zone key (CA) -> 55 if the block is not a PIN at all;
 4. :meth:`_forward` sends the message to billing over the multiplexed link and waits
@@ -20,9 +22,10 @@ answer is decided; see :class:`gateway.journal.JournalWriter` for why that is sa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
+from typing import Any
 
 import trio
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,28 +33,48 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.forwarder import Forwarder
 from gateway.journal import Journal, JournalView, JournalWriter, journal_row
-from hsm.client import HsmClient, HsmCommandFailed, decode_hsm_keyed
+from gateway.limits import LIMITS, RequestLimits
+from gateway.metrics import SafMetrics
+from gateway.saf import KIND_ADVICE, KIND_REVERSAL, NewEntry, QueueFull, SafStore, SafView
+from gateway.saf_api import saf_routes
+from gateway.standin import (
+    StandInPolicy,
+    advice_of,
+    approval_code,
+    day_start,
+    is_payment,
+    reversal_of,
+)
+from hsm.client import HsmClient, HsmCommandFailed, HsmDialect, decode_hsm_keyed
 from hsm.keyfile import KeyFile, load_key_file
 from shared import codec
 from shared.codes import RC
-from shared.errors import UpstreamError, ValidationError
+from shared.db import DatabaseError
+from shared.errors import DecodeError, UpstreamError, ValidationError
 from shared.http import json_error
 from shared.messages import (
     MTI_ADVICE,
+    MTI_ADVICE_REPEAT,
     MTI_FINANCIAL,
     MTI_NETWORK,
     MTI_REVERSAL,
+    MTI_REVERSAL_REPEAT,
     Message,
+    changes_state,
     failure_code,
+    idempotency_key,
     make_response,
     match_key,
     response_mti,
 )
-from shared.pan import PanHasher, account_number_12
-from shared.service import IsoFrame, IsoService, decode_iso_keyed
+from shared.pan import PanHasher, account_number_12, mask_pan
+from shared.service import IsoDialect, IsoFrame, IsoService, decode_iso_keyed
 from shared.settings import Settings
+from shared.upstream import request_deadline
 from shared.validation import validate_response
+from shared.vault import Vault
 
 #: payShield key type codes used with M6/M8.
 KEY_TYPE_TAK = "003"
@@ -74,6 +97,7 @@ class GatewayService(IsoService):
     migrations = "gateway:migrations"
     require_mac = True
     request_mtis = (MTI_FINANCIAL, MTI_ADVICE, MTI_REVERSAL, MTI_NETWORK)
+    retries_upstream = True
 
     def __init__(self, settings: Settings, keys: KeyFile | None = None) -> None:
         super().__init__(settings)
@@ -82,19 +106,79 @@ class GatewayService(IsoService):
         self._tpk = keys.keys["TPK"].under_lmk
         self._zpk = keys.keys["ZPK"].under_lmk
         self.pan_hash = PanHasher(settings.pan_hash_key.encode())
-        self.billing = self.add_link("billing", settings.address("billing"), decode_iso_keyed)
-        hsm_link = self.add_link("hsm", settings.address("hsm"), decode_hsm_keyed)
+        self.billing = self.add_link(
+            "billing",
+            settings.address("billing"),
+            decode_iso_keyed,
+            IsoDialect(),
+            backup=settings.backup_address("billing"),
+            on_unmatched=self._late_answer,
+        )
+        hsm_link = self.add_link(
+            "hsm",
+            settings.address("hsm"),
+            decode_hsm_keyed,
+            HsmDialect(),
+            backup=settings.backup_address("hsm"),
+        )
         self.hsm = HsmClient(hsm_link, settings.hsm_timeout)
         self.journal: Journal | None = None
         self.journal_writer: JournalWriter | None = None
+        self.limits = RequestLimits(settings, trio.current_time)
+        for limit in LIMITS:
+            self.metrics.rate_limited.labels(limit)
+        self.standin = StandInPolicy.from_settings(settings)
+        self.vault = Vault.from_secret(settings.data_key, settings.data_key_id)
+        self.saf: SafStore | None = None
+        self.saf_metrics = SafMetrics(self.metrics.registry)
+        self.forwarder: Forwarder | None = None
+        # Payments whose outcome was unknown and that the gateway reversed: a repeat of one
+        # gets the same 68 instead of being forwarded (and posted) again.
+        self._reversed: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._stats_scope = trio.CancelScope()
 
     def prepare_database(self, sessions: sessionmaker[Session]) -> None:
         self.journal = Journal(sessions)
         self.journal_writer = JournalWriter(self.journal, self.log)
+        self.saf = SafStore(sessions, self.vault, max_size=self.settings.saf_max_size)
+        self.forwarder = Forwarder(
+            self.saf,
+            self.billing,
+            self.in_db_thread,
+            settings=self.settings,
+            metrics=self.saf_metrics,
+            log=self.log,
+            pan_hash=self.pan_hash,
+        )
 
     async def start_background(self, nursery: trio.Nursery) -> None:
-        assert self.journal_writer is not None
+        assert self.journal_writer is not None and self.forwarder is not None
+        self._nursery = nursery
         await nursery.start(self.journal_writer.run)
+        await nursery.start(self.forwarder.run)
+        nursery.start_soon(self._refresh_saf_gauges)
+
+    async def stop_background(self) -> None:
+        if self.forwarder is not None:
+            await self.forwarder.stop()
+        self._stats_scope.cancel()
+
+    async def _refresh_saf_gauges(self) -> None:
+        """Queue depth by state and the oldest entry's age, for /metrics, every 2 s."""
+        saf = self.saf
+        assert saf is not None
+        with self._stats_scope:
+            while True:
+                try:
+                    stats = await self.in_db_thread(lambda: saf.stats(now=datetime.now(UTC)))
+                except DatabaseError as exc:
+                    self.log.warning("saf_stats_failed", error=str(exc)[:200])
+                else:
+                    for state, n in stats.counts.items():
+                        self.saf_metrics.entries.labels(state).set(n)
+                    self.saf_metrics.oldest_age.set(stats.oldest_queued_age_seconds or 0.0)
+                await trio.sleep(2.0)
 
     async def close_resources(self) -> None:
         if self.journal_writer is not None:
@@ -109,27 +193,35 @@ class GatewayService(IsoService):
         writer = self.journal_writer
         assert writer is not None
         start = trio.current_time()
+        # Every upstream call made for this request (HSM, billing, retries) ends by then.
+        request_deadline.set(start + self.settings.online_budget)
         received_at = datetime.now(UTC)
+        journaled = False
         try:
+            self._check_limit(self.limits.check_request(msg))
             await self._check_mac(frame)
+            pan = msg.get("2")
+            self._check_limit(self.limits.check_payment(msg, self.pan_hash(pan) if pan else None))
             forward = await self._translate_pin(msg)
-            response = await self._forward(forward)
+            response, journaled = await self._forward(forward, msg, received_at)
         except _Decline as d:
             response = make_response(msg, d.code)
         code = response.get("39", RC.SYSTEM_MALFUNCTION)
-        elapsed_ms = (trio.current_time() - start) * 1000
-        await writer.submit(
-            journal_row(
-                msg,
-                code,
-                received_at=received_at,
-                duration_ms=elapsed_ms,
-                pan_hash=self.pan_hash,
-            )
-        )
-        if code == RC.LATE_RESPONSE:
-            self.log.warning("outcome_unknown", rrn=msg.get("37"), mti=msg["t"])
+        if not journaled:
+            await writer.submit(self._journal_row(msg, code, received_at))
         return response
+
+    def _journal_row(self, msg: Message, code: str, received_at: datetime) -> dict[str, Any]:
+        elapsed_ms = (datetime.now(UTC) - received_at).total_seconds() * 1000
+        return journal_row(
+            msg, code, received_at=received_at, duration_ms=elapsed_ms, pan_hash=self.pan_hash
+        )
+
+    def _check_limit(self, limit: str | None) -> None:
+        if limit is not None:
+            self.metrics.rate_limited.labels(limit).inc()
+            self.log.info("rate_limited", limit=limit)
+            raise _Decline(RC.ACTIVITY_LIMIT)
 
     async def _check_mac(self, frame: IsoFrame) -> None:
         placed = codec.mac_input_of_received(frame.raw, frame.msg)
@@ -165,14 +257,44 @@ class GatewayService(IsoService):
             raise _Decline(RC.SYSTEM_MALFUNCTION) from None
         return fwd
 
-    async def _forward(self, fwd: Message) -> Message:
-        """Send to billing and return its answer, or the code for why there is none."""
+    async def _forward(
+        self, fwd: Message, msg: Message, received_at: datetime
+    ) -> tuple[Message, bool]:
+        """Billing's answer, a stand-in approval, or a queued advice/reversal.
+
+        Returns (response, journaled): journaled is True when the journal row was written
+        together with a queue entry (commit before answer), so the caller must not add one.
+        """
+        key = idempotency_key(fwd)
+        if is_payment(fwd) and key in self._reversed:
+            raise _Decline(RC.LATE_RESPONSE)  # same answer as the first time; never re-posted
+        queues = fwd["t"] in (MTI_ADVICE, MTI_ADVICE_REPEAT, MTI_REVERSAL, MTI_REVERSAL_REPEAT)
+        if is_payment(fwd) and not self.billing.available:
+            # Billing unavailable (breaker open, or no healthy link): stand in at once rather
+            # than spend the retry schedule on a link known to be down.
+            if not self.billing.breaker_allows:
+                self.metrics.upstream_rejected.labels("billing", "breaker_open").inc()
+            return await self._stand_in(fwd, msg, received_at), True
         try:
             answer = await self.billing.call(
-                codec.encode(fwd), match_key(fwd), self.settings.billing_timeout
+                codec.encode(fwd),
+                match_key(fwd),
+                timeout=self.settings.billing_timeout,
+                # Advices and reversals are idempotent at billing: resending is safe.
+                resend_safe=queues or not changes_state(fwd),
             )
         except UpstreamError as exc:
-            raise _Decline(failure_code(exc, fwd)) from None
+            code = failure_code(exc, fwd)
+            nothing_sent = code == RC.ISSUER_INOPERATIVE and changes_state(fwd)
+            if is_payment(fwd) and nothing_sent:
+                return await self._stand_in(fwd, msg, received_at), True
+            if queues and code != RC.DUPLICATE:
+                # The gateway takes the advice or reversal over: queued, then accepted.
+                return await self._queue_forward(fwd, msg, received_at), True
+            if is_payment(fwd) and code == RC.LATE_RESPONSE:
+                await self._reverse_unknown(fwd, msg, received_at)
+                return make_response(msg, RC.LATE_RESPONSE), True
+            raise _Decline(code) from None
         try:
             validate_response(answer.msg)
         except ValidationError:
@@ -180,7 +302,136 @@ class GatewayService(IsoService):
             raise _Decline(RC.SYSTEM_MALFUNCTION) from None
         response = {k: v for k, v in answer.msg.items() if k not in ("52", "64", "128")}
         response["t"] = response_mti(fwd["t"])
-        return response
+        return response, False
+
+    # -- store-and-forward --------------------------------------------------------------------
+    def _entry(self, kind: str, message: Message, original_key: str | None = None) -> NewEntry:
+        pan = message.get("2")
+        amount = message.get("4")
+        return NewEntry(
+            idempotency_key=idempotency_key(message)[:64],
+            kind=kind,
+            mti=message["t"],
+            message=codec.encode(message),
+            terminal_id=message.get("41", ""),
+            acquirer_id=message.get("32", ""),
+            stan=message.get("11", ""),
+            rrn=message.get("37"),
+            bill_number=message.get("48"),
+            amount=int(amount) if amount and amount.isdigit() else None,
+            currency=message.get("49"),
+            pan_masked=mask_pan(pan) if pan else None,
+            pan_hash=self.pan_hash(pan) if pan else None,
+            max_attempts=self.settings.saf_max_attempts,
+            original_key=original_key,
+        )
+
+    async def _enqueue(self, entry: NewEntry, journal: dict[str, Any]) -> SafView:
+        """Queue ``entry`` with its journal row, committed before returning; 91 if full."""
+        saf = self.saf
+        assert saf is not None and self.forwarder is not None
+        try:
+            view, created = await self.in_db_thread(
+                lambda: saf.enqueue(entry, now=datetime.now(UTC), journal_rows=[journal])
+            )
+        except QueueFull:
+            self.saf_metrics.rejected.labels("full").inc()
+            self.log.error("saf_queue_full", kind=entry.kind, rrn=entry.rrn)
+            raise _Decline(RC.ISSUER_INOPERATIVE) from None
+        except DatabaseError as exc:
+            self.log.error("saf_enqueue_failed", error=str(exc)[:200])
+            raise _Decline(RC.SYSTEM_MALFUNCTION) from None
+        if created:
+            self.saf_metrics.enqueued.labels(entry.kind).inc()
+            self.forwarder.wake()
+        return view
+
+    async def _stand_in(self, fwd: Message, msg: Message, received_at: datetime) -> Message:
+        """Approve a payment on billing's behalf and queue its advice (see gateway.standin)."""
+        saf = self.saf
+        assert saf is not None
+        pan_hash = self.pan_hash(fwd["2"])
+        since = day_start(datetime.now(UTC))
+        total = await self.in_db_thread(saf.standin_amount_since, pan_hash, since)
+        refusal = self.standin.refusal(fwd, customer_total_today=total)
+        # A repeat of a payment already approved in stand-in must get the same answer: its
+        # own amount is in the card's total already, so the limits would now refuse it (91)
+        # although its advice is queued and will post. The enqueue below returns that entry.
+        if refusal is not None and not await self._advice_queued(fwd):
+            self.saf_metrics.standin.labels(refusal).inc()
+            self.log.info("standin_refused", reason=refusal, rrn=msg.get("37"))
+            raise _Decline(RC.ISSUER_INOPERATIVE)
+        try:
+            view = await self._enqueue(
+                self._entry(KIND_ADVICE, advice_of(fwd)),
+                self._journal_row(msg, RC.APPROVED, received_at),
+            )
+        except _Decline as d:
+            if d.code == RC.ISSUER_INOPERATIVE:  # 96 is a database failure, counted apart
+                self.saf_metrics.standin.labels("queue_full").inc()
+            raise
+        self.saf_metrics.standin.labels("approved").inc()
+        self.log.info("standin_approved", rrn=msg.get("37"), entry=view.id)
+        return make_response(msg, RC.APPROVED, f38=approval_code(view.id))
+
+    async def _advice_queued(self, fwd: Message) -> bool:
+        """True when the queue already holds the advice of payment ``fwd`` (in any state)."""
+        saf = self.saf
+        assert saf is not None
+        view = await self.in_db_thread(saf.get_by_key, idempotency_key(fwd)[:64])
+        return view is not None and view.kind == KIND_ADVICE
+
+    async def _reverse_unknown(self, fwd: Message, msg: Message, received_at: datetime) -> None:
+        """A payment went out and no answer came: queue its reversal, journal the 68."""
+        self.log.warning("outcome_unknown", rrn=msg.get("37"), mti=msg["t"])
+        reversal = reversal_of(fwd)
+        await self._enqueue(
+            self._entry(KIND_REVERSAL, reversal, idempotency_key(fwd)[:64]),
+            self._journal_row(msg, RC.LATE_RESPONSE, received_at),
+        )
+        self._reversed.add(idempotency_key(fwd))
+
+    async def _queue_forward(self, fwd: Message, msg: Message, received_at: datetime) -> Message:
+        """An acquirer's advice or reversal billing could not take now: queued, accepted."""
+        first = dict(fwd)
+        first["t"] = MTI_REVERSAL if fwd["t"] in (MTI_REVERSAL, MTI_REVERSAL_REPEAT) else MTI_ADVICE
+        kind = KIND_REVERSAL if first["t"] == MTI_REVERSAL else KIND_ADVICE
+        await self._enqueue(
+            self._entry(kind, first), self._journal_row(msg, RC.APPROVED, received_at)
+        )
+        return make_response(msg, RC.APPROVED)
+
+    def _late_answer(self, payload: bytes, key: Hashable | None) -> None:
+        """A billing answer nobody waits for: count it, and note it on the queue entry."""
+        self.metrics.unmatched_responses.labels("billing").inc()
+        try:
+            answer = codec.decode(payload)
+        except DecodeError:
+            self.log.warning("unmatched_response", upstream="billing", size=len(payload))
+            return
+        code = answer.get("39", "")
+        self.saf_metrics.late_responses.inc()
+        self.log.warning(
+            "late_response",
+            upstream="billing",
+            mti=answer.get("t"),
+            rrn=answer.get("37"),
+            code=code,
+        )
+        saf, nursery = self.saf, self._nursery
+        if saf is None or nursery is None or len(code) != 2:
+            return
+        key_of = idempotency_key(answer)[:64]
+
+        async def record() -> None:
+            try:
+                await self.in_db_thread(
+                    lambda: saf.record_late_response(key_of, code, now=datetime.now(UTC))
+                )
+            except DatabaseError as exc:
+                self.log.error("late_response_not_recorded", error=str(exc)[:200])
+
+        nursery.start_soon(record)
 
     async def finish(self, request: Message, response: Message) -> Message:
         """MAC every answer to a financial request; an answer without MAC beats none."""
@@ -195,26 +446,37 @@ class GatewayService(IsoService):
 
     # -- admin ----------------------------------------------------------------------------------
     def routes(self) -> Sequence[BaseRoute]:
-        return [Route("/transactions", self._transactions, methods=["GET"])]
+        return [
+            Route("/transactions", self._transactions, methods=["GET"]),
+            *saf_routes(
+                lambda: self.saf,
+                self.in_db_thread,
+                self.saf_metrics,
+                self.log,
+                self.settings.saf_retention,
+            ),
+        ]
 
     async def _transactions(self, request: Request) -> Response:
-        """``GET /transactions?rrn=...|stan=...&limit=50``: journal rows, newest first."""
-        journal, writer = self.journal, self.journal_writer
-        if journal is None or writer is None:
+        """``GET /transactions?rrn=...|stan=...&limit=50``: journal rows, newest first, and
+        the store-and-forward entries of the same transaction(s) under ``queue``."""
+        journal, writer, saf = self.journal, self.journal_writer, self.saf
+        if journal is None or writer is None or saf is None:
             return json_error(503, "journal not open")
         try:
             limit = max(1, min(int(request.query_params.get("limit", "50")), 500))
         except ValueError:
             return json_error(400, "limit must be a whole number")
         await writer.flush()  # show every answer already sent
-        rows = await self.in_db_thread(
-            lambda: journal.find(
-                rrn=request.query_params.get("rrn"),
-                stan=request.query_params.get("stan"),
-                limit=limit,
-            )
+        rrn = request.query_params.get("rrn") or None
+        stan = request.query_params.get("stan") or None
+        rows = await self.in_db_thread(lambda: journal.find(rrn=rrn, stan=stan, limit=limit))
+        queued = []
+        if rrn or stan:
+            queued = await self.in_db_thread(lambda: saf.list(rrn=rrn, stan=stan, limit=limit))
+        return JSONResponse(
+            {"items": [_row_json(r) for r in rows], "queue": [v.as_dict() for v in queued]}
         )
-        return JSONResponse({"items": [_row_json(r) for r in rows]})
 
 
 def _row_json(row: JournalView) -> dict[str, object]:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shared.errors import PaylabError
@@ -28,6 +29,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+breaker_app = typer.Typer(help="Circuit breakers of the gateway's upstreams.", no_args_is_help=True)
+app.add_typer(breaker_app, name="breaker")
+saf_app = typer.Typer(help="The gateway's store-and-forward queue.", no_args_is_help=True)
+app.add_typer(saf_app, name="saf")
 
 
 class _Console(Console):
@@ -61,7 +66,7 @@ Url = Annotated[
 
 def fail(message: str, code: int = 1) -> None:
     """Print one line to stderr and exit."""
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -230,6 +235,259 @@ def reverse(
 ) -> None:
     """Reverse a payment made through the acquirer (a 0420)."""
     _show(_post(_api(url), f"/payments/{transaction_id}/reversal"), as_json)
+
+
+# -- operators: links and breakers ---------------------------------------------------------
+AdminUrl = Annotated[
+    str | None,
+    typer.Option("--url", help="Gateway HTTP port (default http://<host>:<gateway_http_port>)."),
+]
+
+
+def _admin(url: str | None) -> str:
+    if url:
+        return url.rstrip("/")
+    s = _settings()
+    return f"http://{s.host}:{s.gateway_http_port}"
+
+
+def _admin_call(method: str, url: str, path: str) -> dict[str, Any]:
+    """Call an admin endpoint; any failure is one clear line and exit code 1."""
+    import httpx
+
+    try:
+        r = httpx.request(method, url + path, timeout=10)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach {url} ({type(exc).__name__}); is the network running?")
+        raise  # unreachable
+    try:
+        data: dict[str, Any] = r.json()
+    except ValueError:
+        fail(f"{url}{path} answered HTTP {r.status_code} without JSON")
+        raise
+    if r.status_code >= 400:
+        fail(str(data.get("error", f"HTTP {r.status_code}")))
+    return data
+
+
+@app.command()
+def links(url: AdminUrl = None, as_json: JsonOpt = False) -> None:
+    """Show the gateway's upstream links: connections, health, in flight, echo RTT."""
+    data = _admin_call("GET", _admin(url), "/links")
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    out.print(f"health score: [bold]{data['score']}[/]/100")
+    table = Table()
+    for col in ("link", "endpoint", "slot", "state", "in flight", "requests", "errors", "echo ms"):
+        table.add_column(col)
+    for link in data["links"]:
+        out.print(
+            f"[bold]{link['name']}[/] breaker {link['breaker']}, "
+            f"{link['healthy']}/{link['target']} healthy, in flight {link['in_flight']}, "
+            f"error rate {link['error_rate'] if link['error_rate'] is not None else '-'}"
+        )
+        for c in link["connections"]:
+            table.add_row(
+                link["name"],
+                f"{c['endpoint']} {c['address']}",
+                str(c["slot"]),
+                c["state"],
+                str(c["in_flight"]),
+                str(c["requests"]),
+                str(c["errors"]),
+                "-" if c["last_echo_rtt_ms"] is None else f"{c['last_echo_rtt_ms']:.2f}",
+            )
+    out.print(table)
+
+
+def _show_breakers(items: list[dict[str, Any]]) -> None:
+    table = Table()
+    for col in ("upstream", "state", "calls", "failures", "failure rate", "open for", "rejected"):
+        # The name and state are what the reader (or a script) is after: never cut short.
+        table.add_column(col, no_wrap=col in ("upstream", "state"))
+    for b in items:
+        rate = b.get("failure_rate")
+        remaining = b.get("open_remaining")
+        if b["state"] == "forced_open":
+            left = "until reset"
+        else:
+            left = f"{remaining:.1f} s" if remaining else "-"
+        table.add_row(
+            b["name"],
+            b["state"],
+            str(b["calls_in_window"]),
+            str(b["failures_in_window"]),
+            "-" if rate is None else f"{rate:.0%}",
+            left,
+            str(b["rejected"]),
+        )
+    out.print(table)
+
+
+@breaker_app.command("status")
+def breaker_status(url: AdminUrl = None, as_json: JsonOpt = False) -> None:
+    """Every breaker: state, window figures, time left open, calls rejected."""
+    data = _admin_call("GET", _admin(url), "/breakers")
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        _show_breakers(data["breakers"])
+
+
+def _breaker_action(action: str, name: str, url: str | None) -> None:
+    data = _admin_call("POST", _admin(url), f"/breakers/{name}/{action}")
+    _show_breakers([data])
+
+
+BreakerName = Annotated[str, typer.Argument(help="Upstream name: billing or hsm.")]
+
+
+@breaker_app.command("reset")
+def breaker_reset(name: BreakerName, url: AdminUrl = None) -> None:
+    """Close a breaker now (also ends forced-open and disabled)."""
+    _breaker_action("reset", name, url)
+
+
+@breaker_app.command("open")
+def breaker_open(name: BreakerName, url: AdminUrl = None) -> None:
+    """Force a breaker open: calls fail fast until `paylab breaker reset`."""
+    _breaker_action("force-open", name, url)
+
+
+@breaker_app.command("disable")
+def breaker_disable(name: BreakerName, url: AdminUrl = None) -> None:
+    """Let everything through (metrics still kept) until `paylab breaker reset`."""
+    _breaker_action("disable", name, url)
+
+
+# -- operators: the store-and-forward queue ------------------------------------------------
+_SAF_COLUMNS = ("id", "kind", "state", "mti", "rrn", "terminal_id", "amount", "attempts")
+
+
+def _show_entries(items: list[dict[str, Any]]) -> None:
+    table = Table()
+    for col in (*_SAF_COLUMNS, "code", "created_at"):
+        table.add_column(col)
+    for e in items:
+        table.add_row(
+            *(str(e.get(c) if e.get(c) is not None else "-") for c in _SAF_COLUMNS),
+            e.get("response_code") or "-",
+            (e.get("created_at") or "")[:19],
+        )
+    out.print(table)
+
+
+@saf_app.command("list")
+def saf_list(
+    state: Annotated[
+        str | None, typer.Option(help="queued, in_flight, done, dead or cancelled.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Entries per page.")] = 50,
+    before_id: Annotated[
+        int | None, typer.Option(help="Page on: entries older than this id.")
+    ] = None,
+    rrn: Annotated[str | None, typer.Option(help="Only this RRN (field 37).")] = None,
+    url: AdminUrl = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue entries, newest first."""
+    params = {"state": state, "limit": limit, "before_id": before_id, "rrn": rrn}
+    query = "&".join(f"{k}={v}" for k, v in params.items() if v is not None)
+    data = _admin_call("GET", _admin(url), f"/saf?{query}")
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    _show_entries(data["items"])
+    if data.get("next_before_id"):
+        out.print(f"more: --before-id {data['next_before_id']}")
+
+
+EntryId = Annotated[int, typer.Argument(help="Queue entry id (see `paylab saf list`).")]
+
+
+@saf_app.command("show")
+def saf_show(entry_id: EntryId, url: AdminUrl = None) -> None:
+    """One entry, every field (the PAN masked; the message itself is never shown)."""
+    out.print_json(json.dumps(_admin_call("GET", _admin(url), f"/saf/{entry_id}")))
+
+
+@saf_app.command("retry")
+def saf_retry(entry_id: EntryId, url: AdminUrl = None) -> None:
+    """Put a dead entry back in the queue, due now."""
+    _show_entries([_admin_call("POST", _admin(url), f"/saf/{entry_id}/retry")])
+
+
+@saf_app.command("cancel")
+def saf_cancel(entry_id: EntryId, url: AdminUrl = None) -> None:
+    """Cancel an entry: it is never forwarded afterwards."""
+    _show_entries([_admin_call("POST", _admin(url), f"/saf/{entry_id}/cancel")])
+
+
+@saf_app.command("purge")
+def saf_purge(
+    older_than: Annotated[
+        int | None, typer.Option(help="Seconds (default: PAYLAB_SAF_RETENTION).")
+    ] = None,
+    url: AdminUrl = None,
+) -> None:
+    """Delete done and cancelled entries older than the retention period."""
+    query = "" if older_than is None else f"?older_than={older_than}"
+    data = _admin_call("POST", _admin(url), f"/saf/purge{query}")
+    out.print(f"removed {data['removed']} entries older than {data['older_than']}")
+
+
+@saf_app.command("stats")
+def saf_stats(url: AdminUrl = None, as_json: JsonOpt = False) -> None:
+    """Entries by state, depth and the oldest entry's age."""
+    data = _admin_call("GET", _admin(url), "/saf/stats")
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    for state, n in data["counts"].items():
+        out.print(f"{state:<10} {n}")
+    age = data.get("oldest_queued_age_seconds")
+    out.print(f"depth      {data['depth']}  (oldest {'-' if age is None else f'{age:.1f} s'})")
+
+
+@app.command()
+def reconcile(data_dir: DataDir = None, as_json: JsonOpt = False) -> None:
+    """Compare the gateway's journal and queue with billing's postings.
+
+    Reads both databases (PAYLAB_GATEWAY_DB_URL, PAYLAB_BILLING_DB_URL, or the SQLite files
+    in the data directory) and prints every mismatch. Exit code 1 when there is one.
+    Transactions still being delivered are counted as pending, not as mismatches.
+    """
+    from gateway.reconcile import load_gateway_facts, load_postings
+    from gateway.reconcile import reconcile as compare
+    from shared.db import DatabaseError, make_engine, session_factory
+
+    settings = _settings(data_dir)
+    engines = []
+    try:
+        gateway_engine = make_engine(settings.db_url("gateway"))
+        billing_engine = make_engine(settings.db_url("billing"))
+        engines = [gateway_engine, billing_engine]
+        report = compare(
+            load_gateway_facts(session_factory(gateway_engine)), load_postings(billing_engine)
+        )
+    except DatabaseError as exc:
+        fail(f"cannot read the databases: {exc}")
+        raise  # unreachable
+    finally:
+        for engine in engines:
+            engine.dispose()
+    if as_json:
+        out.print_json(json.dumps(report.as_dict()))
+    else:
+        out.print(
+            f"checked {report.checked} transactions: {report.pending} pending, "
+            f"{len(report.mismatches)} mismatches"
+        )
+        for m in report.mismatches:
+            out.print(f"  [red]{m.kind}[/] {m.key}: {m.detail}")
+    if not report.clean:
+        raise typer.Exit(1)
 
 
 @db_app.command("upgrade")

@@ -53,12 +53,14 @@ def service_app(
     checks: dict[str, HealthCheck] | None = None,
     routes: Sequence[BaseRoute] = (),
     log: Any = None,
+    extra: Callable[[], dict[str, Any]] | None = None,
 ) -> Starlette:
     """A starlette app with ``GET /health``, ``GET /metrics`` and the service's ``routes``.
 
     ``/health`` answers 200 when every readiness check passes and 503 otherwise, with
-    ``{"service", "status": "ok"|"degraded", "live": true, "dependencies": {name: {...}}}``:
-    the process is alive whenever it answers at all.
+    ``{"service", "status": "ok"|"degraded", "live": true, "dependencies": {name: {...}}}``
+    plus what ``extra()`` returns (the health score): the process is alive whenever it
+    answers at all.
     """
     checks = checks or {}
 
@@ -78,6 +80,7 @@ def service_app(
             "live": True,
             "ready": ready,
             "dependencies": deps,
+            **(extra() if extra is not None else {}),
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 from sqlalchemy import Engine, text
@@ -21,32 +21,34 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from shared import codec
+from shared.admin import health_score, link_routes
+from shared.backoff import Backoff
+from shared.breaker import BreakerConfig
 from shared.codes import RC
 from shared.db import make_engine, session_factory, upgrade
 from shared.errors import DecodeError, ValidationError
 from shared.http import HealthCheck, serve_http, service_app
+from shared.iso_link import IsoDialect, IsoFrame, decode_iso_keyed
 from shared.log import get_logger
-from shared.messages import Message, is_response, make_response, match_key
-from shared.metrics import ServiceMetrics
+from shared.messages import Message, is_response, make_response
+from shared.metrics import DatabaseMetrics, ServiceMetrics
+from shared.pool import LinkDialect, PoolConfig, UpstreamPool
 from shared.settings import Settings
-from shared.tcp import FramedServer, UpstreamLink
+from shared.tcp import FramedServer
+from shared.upstream import NO_RETRY, AnswerPolicy, Upstream
 from shared.validation import validate_request
 
 T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+
+__all__ = ["IsoDialect", "IsoFrame", "IsoService", "Ports", "Service", "decode_iso_keyed"]
+
+
+class Dialect(LinkDialect[T_contra], AnswerPolicy[T_contra], Protocol[T_contra]):
+    """A link's dialect as a service needs it: echo, sign-on/off, and failed answers."""
+
+
 R = TypeVar("R")
-
-
-class IsoFrame(NamedTuple):
-    """A received ISO-8583 message: its raw payload (for MAC checks) and its fields."""
-
-    raw: bytes
-    msg: Message
-
-
-def decode_iso_keyed(payload: bytes) -> tuple[Hashable, IsoFrame]:
-    """Decoder for ISO links: (match key, frame). Raises DecodeError on garbage."""
-    msg = codec.decode(payload)
-    return match_key(msg), IsoFrame(payload, msg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +71,7 @@ class Service:
         self.settings = settings
         self.log = get_logger(self.name)
         self.metrics = ServiceMetrics(self.name, self.request_mtis)
-        self.links: list[UpstreamLink[Any]] = []
+        self.links: list[Upstream[Any]] = []
         self.ports: Ports | None = None
         self.server = FramedServer(
             self.name,
@@ -81,12 +83,23 @@ class Service:
             kind=settings.framing,
             max_frame=settings.max_frame,
             max_in_flight=settings.max_in_flight_per_connection,
+            max_connections_per_source=settings.max_connections_per_source,
+            max_connections=settings.max_connections,
         )
         self.engine: Engine | None = None
         self.sessions: sessionmaker[Session] | None = None
         # One database call at a time per service: SQLite has a single writer anyway, and
         # serialising keeps read-check-write sequences free of races on any backend.
         self._db_limiter = trio.CapacityLimiter(1)
+        self.db_metrics = (
+            None
+            if self.migrations is None
+            else DatabaseMetrics(
+                self.metrics.registry,
+                in_use=self._db_connections_in_use,
+                waiting=lambda: self._db_limiter.statistics().tasks_waiting,
+            )
+        )
         self._http_stop = trio.Event()
         self._http_done = trio.Event()
         self._server_done = trio.Event()
@@ -111,17 +124,31 @@ class Service:
     async def start_background(self, nursery: trio.Nursery) -> None:
         """Hook: start the service's own long-running tasks (they must end on :meth:`stop`)."""
 
+    async def stop_background(self) -> None:
+        """Hook: end the tasks of :meth:`start_background`; links are still open meanwhile."""
+
     def prepare_database(self, sessions: sessionmaker[Session]) -> None:
         """Hook (worker thread): build stores on ``sessions``, seed data."""
 
     async def in_db_thread(self, fn: Callable[..., R], *args: Any) -> R:
-        """Run a synchronous database call in a worker thread, one at a time."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
+        """Run a synchronous database call in a worker thread, one at a time (its wait,
+        duration and failure go to the ``paylab_db_*`` metrics)."""
+        if self.db_metrics is None:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
+        call = self.db_metrics.instrument(fn, *args)
+        return await trio.to_thread.run_sync(call, limiter=self._db_limiter)
+
+    def _db_connections_in_use(self) -> float:
+        """Connections checked out of the engine's pool (0 before the database is open)."""
+        checkedout = getattr(self.engine.pool, "checkedout", None) if self.engine else None
+        return float(checkedout()) if checkedout is not None else 0.0
 
     async def _database_check(self) -> tuple[bool, str]:
         if self.engine is None:
             return False, "not open"
         ok = await self.in_db_thread(_ping, self.engine)
+        if not ok and self.db_metrics is not None:
+            self.db_metrics.errors.inc()
         return ok, f"{self.engine.dialect.name} {'reachable' if ok else 'unreachable'}"
 
     def routes(self) -> Sequence[BaseRoute]:
@@ -137,29 +164,55 @@ class Service:
             checks["database"] = self._database_check
         return checks
 
+    #: Whether calls to upstreams are retried. Only the gateway retries: retries at every
+    #: hop would multiply (a retry storm) along acquirer -> gateway -> billing.
+    retries_upstream = False
+
+    def health_extra(self) -> dict[str, Any]:
+        """Figures added to ``/health``: the health score of the upstream links."""
+        return {"score": health_score(self.links)}
+
     def add_link(
         self,
         name: str,
         address: tuple[str, int],
         decode: Callable[[bytes], tuple[Hashable, T]],
-    ) -> UpstreamLink[T]:
-        """Create an upstream link, started and stopped with the service.
+        dialect: Dialect[T],
+        *,
+        backup: tuple[str, int] | None = None,
+        on_unmatched: Callable[[bytes, Hashable | None], None] | None = None,
+    ) -> Upstream[T]:
+        """Create an upstream (pool, breaker, retry), started and stopped with the service.
 
-        ``decode`` maps a response payload to (match key, value): :func:`decode_iso_keyed`
-        for ISO-8583 peers, the HSM client's decoder for the HSM.
+        ``decode`` maps a response payload to (match key, value) and ``dialect`` speaks the
+        link's echo and sign-on: :func:`decode_iso_keyed` and :class:`IsoDialect` for
+        ISO-8583 peers, the HSM client's for the HSM.
         """
-        link: UpstreamLink[T] = UpstreamLink(
+        s = self.settings
+        pool: UpstreamPool[T] = UpstreamPool(
             name,
             address,
             decode,
+            dialect,
             metrics=self.metrics,
             log=self.log,
-            kind=self.settings.framing,
-            max_frame=self.settings.max_frame,
-            connect_timeout=self.settings.connect_timeout,
+            config=pool_config(s),
+            backup=backup,
+            kind=s.framing,
+            max_frame=s.max_frame,
+            on_unmatched=on_unmatched,
         )
-        self.links.append(link)
-        return link
+        upstream: Upstream[T] = Upstream(
+            pool,
+            dialect,
+            metrics=self.metrics,
+            log=self.log,
+            breaker=breaker_config(s),
+            retry=retry_policy(s) if self.retries_upstream else NO_RETRY,
+            retry_deadline=s.retry_deadline,
+        )
+        self.links.append(upstream)
+        return upstream
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Ports] = trio.TASK_STATUS_IGNORED) -> None:
@@ -170,8 +223,14 @@ class Service:
             for link in self.links:
                 await nursery.start(link.run)
             iso_port = await nursery.start(self._run_server)
+            routes = [*link_routes(self.links, self.log), *self.routes()]
             app = service_app(
-                self.name, self.metrics, self.health_checks(), self.routes(), self.log
+                self.name,
+                self.metrics,
+                self.health_checks(),
+                routes,
+                self.log,
+                extra=self.health_extra,
             )
             http_port = await nursery.start(self._run_http, app)
             self.ports = Ports(iso=iso_port, http=http_port)
@@ -208,6 +267,7 @@ class Service:
         self._http_stop.set()
         await self._server_done.wait()
         await self._http_done.wait()
+        await self.stop_background()
         for link in self.links:
             await link.close()
         await self.close_resources()
@@ -228,9 +288,58 @@ def _ping(engine: Engine) -> bool:
         return False
 
 
-async def _link_check(link: UpstreamLink[Any]) -> tuple[bool, str]:
-    host, port = link.address
-    return link.connected, f"{'connected' if link.connected else 'disconnected'} {host}:{port}"
+async def _link_check(link: Upstream[Any]) -> tuple[bool, str]:
+    pool = link.pool
+    detail = (
+        f"{pool.healthy_count}/{pool.target_connections()} connections healthy, "
+        f"breaker {link.breaker.state.value}"
+    )
+    return link.available, detail
+
+
+def pool_config(s: Settings) -> PoolConfig:
+    """The pool sizes and timings of ``s``."""
+    return PoolConfig(
+        min_connections=s.pool_min_connections,
+        max_connections=max(s.pool_max_connections, s.pool_min_connections),
+        max_in_flight=s.max_in_flight_per_connection,
+        grow_at=s.pool_grow_at,
+        idle_close=s.pool_idle_close,
+        heartbeat_interval=s.heartbeat_interval,
+        heartbeat_timeout=s.heartbeat_timeout,
+        connect_timeout=s.connect_timeout,
+        reconnect=Backoff(
+            s.reconnect_base_delay,
+            2.0,
+            max(s.reconnect_max_delay, s.reconnect_base_delay),
+            1,
+            jitter=True,
+        ),
+    )
+
+
+def breaker_config(s: Settings) -> BreakerConfig:
+    """The circuit-breaker thresholds of ``s``."""
+    return BreakerConfig(
+        window_size=s.breaker_window,
+        minimum_calls=min(s.breaker_minimum_calls, s.breaker_window),
+        failure_rate_threshold=s.breaker_failure_rate,
+        consecutive_failures=s.breaker_consecutive_failures,
+        slow_call_threshold=s.breaker_slow_call or None,
+        open_wait=s.breaker_open_wait,
+        half_open_calls=s.breaker_half_open_calls,
+    )
+
+
+def retry_policy(s: Settings) -> Backoff:
+    """The retry schedule of ``s`` (1, 2, 4, 8, 16 s by default)."""
+    return Backoff(
+        s.retry_base_delay,
+        s.retry_factor,
+        max(s.retry_max_delay, s.retry_base_delay),
+        s.retry_max_attempts,
+        jitter=s.retry_jitter,
+    )
 
 
 class IsoService(Service):

@@ -61,6 +61,176 @@ class Settings(BaseSettings):
         description="host:port of the HSM, for gateway and billing (default host:hsm_iso_port).",
     )
 
+    billing_backup_address: str | None = Field(
+        None,
+        description="host:port of a second billing instance: the gateway's backup endpoint, "
+        "used while no primary connection is healthy.",
+    )
+    hsm_backup_address: str | None = Field(
+        None, description="host:port of a second HSM: the backup endpoint of the HSM pools."
+    )
+
+    # -- connection pools and heartbeats (every upstream link) ----------------------------
+    pool_min_connections: int = Field(
+        2, ge=1, le=64, description="Connections each pool keeps open to its primary endpoint."
+    )
+    pool_max_connections: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Most connections per endpoint; extra ones open when the least busy "
+        "connection has pool_grow_at requests in flight.",
+    )
+    pool_grow_at: int = Field(
+        32, ge=1, description="Requests in flight on the least busy connection that open another."
+    )
+    pool_idle_close: float = Field(
+        60.0, gt=0, description="Seconds an extra (above the minimum) connection may idle."
+    )
+    heartbeat_interval: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds of silence on a connection before an echo (0800/301; NC to the "
+        "HSM). Labs use 1-2 s.",
+    )
+    heartbeat_timeout: float = Field(
+        5.0, gt=0, description="Deadline of an echo; a miss replaces the connection."
+    )
+    reconnect_base_delay: float = Field(
+        0.5, gt=0, description="First delay before reconnecting; doubles with jitter."
+    )
+    reconnect_max_delay: float = Field(16.0, gt=0, description="Cap of the reconnect delay.")
+
+    # -- retry (gateway to billing and HSM; course: retry.*) -------------------------------
+    retry_max_attempts: int = Field(
+        3, ge=1, le=10, description="Attempts of one call, the first included (retry.max-attempts)."
+    )
+    retry_base_delay: float = Field(
+        1.0, gt=0, description="Delay before the first retry (retry.backoff-delay)."
+    )
+    retry_factor: float = Field(2.0, ge=1, description="Growth of the delay per retry.")
+    retry_max_delay: float = Field(
+        16.0, gt=0, description="Longest delay between attempts (1, 2, 4, 8, 16 s)."
+    )
+    retry_jitter: bool = Field(
+        False, description="Full jitter: each delay uniform between 0 and its value."
+    )
+    retry_deadline: float = Field(
+        30.0,
+        gt=0,
+        description="Bound of one call, attempts and delays included (retry.max-timeout).",
+    )
+    online_deadline: float = Field(
+        10.0,
+        gt=0,
+        description="Bound of the gateway's work on one online request, retries included "
+        "(never more than 80 % of gateway_timeout, so the acquirer gets the answer).",
+    )
+
+    # -- circuit breaker (one per upstream) ------------------------------------------------
+    breaker_window: int = Field(20, ge=1, description="Calls in the sliding window.")
+    breaker_minimum_calls: int = Field(
+        10, ge=1, description="Calls needed in the window before the failure rate counts."
+    )
+    breaker_failure_rate: float = Field(
+        0.5, gt=0, le=1, description="Failure share of the window that opens the breaker."
+    )
+    breaker_consecutive_failures: int = Field(
+        5, ge=0, description="Failures in a row that open the breaker (0: rule off)."
+    )
+    breaker_slow_call: float = Field(
+        0.0, ge=0, description="Seconds after which a successful call counts as a failure (0: off)."
+    )
+    breaker_open_wait: float = Field(
+        30.0, gt=0, description="Seconds open (failing fast) before a half-open probe."
+    )
+    breaker_half_open_calls: int = Field(
+        1, ge=1, description="Trial calls let through half-open; all must succeed to close."
+    )
+
+    # -- store-and-forward and stand-in (gateway; course: queue.*) -----------------------
+    standin_policy: Literal["standin", "decline"] = Field(
+        "standin",
+        description="Payments while billing is unavailable: approve in stand-in within the "
+        "limits below and queue an advice, or decline with 91.",
+    )
+    standin_max_amount: int = Field(
+        5_000_000, ge=0, description="Largest payment approved in stand-in (minor units)."
+    )
+    standin_customer_daily_amount: int = Field(
+        20_000_000,
+        ge=0,
+        description="Most a card may pay in stand-in per UTC day (minor units).",
+    )
+    saf_max_size: int = Field(
+        10_000, ge=1, description="Entries waiting (queued or in flight) at most (queue.max-size)."
+    )
+    saf_retry_interval: float = Field(
+        5.0,
+        ge=0,
+        description="Least delay before an entry is forwarded again (queue.retry-interval); "
+        "the retry_* schedule applies above it.",
+    )
+    saf_max_attempts: int = Field(
+        20, ge=1, description="Forwarding attempts before an entry is dead (operator retry)."
+    )
+    saf_max_age: float = Field(
+        86_400.0, gt=0, description="Seconds after which an undelivered entry is dead."
+    )
+    saf_lease: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a replica holds a claimed entry; a crashed replica's claims are "
+        "taken over after it.",
+    )
+    saf_concurrency: int = Field(
+        32, ge=1, description="Entries forwarded at once (each terminal's in order)."
+    )
+    saf_retention: float = Field(
+        7 * 86_400.0, gt=0, description="Age (s) of done entries removed by `paylab saf purge`."
+    )
+    replica_id: str = Field(
+        "gateway-1",
+        min_length=1,
+        max_length=64,
+        description="Name of this gateway replica: the owner of its queue claims. Give each "
+        "replica sharing a PostgreSQL queue its own.",
+    )
+    data_key: str = Field(
+        "paylab-test-data-key-change-me",
+        min_length=16,
+        description="Secret from which the AES-256-GCM key for data at rest (queued "
+        "messages) is derived. Change it outside a lab.",
+    )
+    data_key_id: str = Field(
+        "k1", min_length=1, max_length=16, description="Id stored beside each ciphertext."
+    )
+
+    # -- rate limits (gateway's ISO listener) ----------------------------------------------
+    rate_limit_institution: float = Field(
+        0.0, ge=0, description="Requests per second per acquirer institution (field 32; 0: off)."
+    )
+    rate_limit_terminal: float = Field(
+        200.0, ge=0, description="Requests per second per terminal (field 41; 0: off)."
+    )
+    rate_limit_burst: float = Field(
+        2.0, ge=1, description="Bucket size as a multiple of the per-second rate."
+    )
+    rate_limit_customer_payments: int = Field(
+        0, ge=0, description="Payments per card (customer) per window (0: off)."
+    )
+    rate_limit_customer_window: float = Field(
+        3600.0, gt=0, description="Window of rate_limit_customer_payments, in seconds."
+    )
+    max_connections_per_source: int = Field(
+        256,
+        ge=0,
+        description="Concurrent connections from one address to an ISO listener (0: off).",
+    )
+    max_connections: int = Field(
+        4096, ge=0, description="Concurrent connections to one ISO listener (0: off)."
+    )
+
     # -- wire ----------------------------------------------------------------------------
     framing: HeaderKind = Field(
         HeaderKind.BINARY2, description="Length header: binary2 (2-byte big-endian) or ascii4."
@@ -124,6 +294,12 @@ class Settings(BaseSettings):
         "terminal, json otherwise.",
     )
 
+    @property
+    def online_budget(self) -> float:
+        """Seconds the gateway may spend on one online request: online_deadline, but never so
+        long that the acquirer (waiting gateway_timeout) gives up first."""
+        return min(self.online_deadline, 0.8 * self.gateway_timeout)
+
     def db_url(self, service: str) -> str:
         """The database URL of ``service``: the configured one or SQLite in ``data_dir``."""
         url: str | None = getattr(self, f"{service}_db_url")
@@ -137,13 +313,22 @@ class Settings(BaseSettings):
     def iso_port(self, service: str) -> int:
         return int(getattr(self, f"{service}_iso_port"))
 
+    def backup_address(self, service: str) -> tuple[str, int] | None:
+        """The backup endpoint of ``service``'s pools, when one is configured."""
+        value: str | None = getattr(self, f"{service}_backup_address", None)
+        return None if not value else _split_address(value, self.host)
+
     def address(self, service: str) -> tuple[str, int]:
         """Where ``service``'s ISO/TCP listener is reached by its clients."""
         explicit: str | None = getattr(self, f"{service}_address", None)
         if explicit:
-            host, _, port = explicit.rpartition(":")
-            return host or self.host, int(port)
+            return _split_address(explicit, self.host)
         return self.host, self.iso_port(service)
+
+
+def _split_address(value: str, default_host: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host or default_host, int(port)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -136,6 +136,26 @@ async def test_reversal_undoes_the_posting(network: Network) -> None:
     assert (await pay(network, "PLN-1002", 98500))["response_code"] == "00"
 
 
+async def test_online_payments_and_reversal_reconcile_clean(network: Network) -> None:
+    from gateway.reconcile import load_gateway_facts, load_postings, reconcile
+
+    paid = await pay(network, "PLN-1003", 212750)
+    assert paid["response_code"] == "00"
+    assert (await pay(network, "PLN-1004", 64300))["response_code"] == "00"
+    r = await post(network, f"/payments/{paid['id']}/reversal", {})
+    assert r.json()["response_code"] == "00"
+    gateway = network.services["gateway"]
+    assert isinstance(gateway, GatewayService) and gateway.journal_writer is not None
+    await gateway.journal_writer.flush()
+    assert gateway.sessions is not None and billing(network).engine is not None
+    gateway_sessions, billing_engine = gateway.sessions, billing(network).engine
+    report = await trio.to_thread.run_sync(
+        lambda: reconcile(load_gateway_facts(gateway_sessions), load_postings(billing_engine))
+    )
+    assert report.clean, report.mismatches
+    assert report.checked == 2 and report.pending == 0
+
+
 async def test_reversal_of_unknown_transaction_is_404(network: Network) -> None:
     r = await post(network, "/payments/0123456789abcdef0123456789abcdef/reversal", {})
     assert r.status_code == 404
@@ -303,7 +323,9 @@ async def test_bad_json_gives_422_with_a_message(network: Network) -> None:
 # -- upstream failures ------------------------------------------------------------------------
 
 
-async def test_no_billing_link_gives_91(network: Network) -> None:
+async def test_no_billing_link_gives_stand_in_for_payments_and_91_for_inquiries(
+    network: Network,
+) -> None:
     await billing(network).stop()
     gateway = network.services["gateway"]
     assert isinstance(gateway, GatewayService)
@@ -314,8 +336,28 @@ async def test_no_billing_link_gives_91(network: Network) -> None:
         {"bill": "PLN-1010", "amount": 412350, "pan": DEMO_PAN, "pin": DEMO_PIN},
     )
     assert body.status_code == 200
+    assert body.json()["response_code"] == RC.APPROVED
+    assert body.json()["approval_code"].startswith("SI")  # the stand-in marker
+    inquiry = await post(network, "/inquiries", {"bill": "PLN-1011"})
+    assert inquiry.json()["response_code"] == RC.ISSUER_INOPERATIVE
+
+
+async def test_no_billing_link_gives_91_when_stand_in_is_off(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    net = await start_network(nursery, tmp_path, standin_policy="decline")
+    await billing(net).stop()
+    gateway = net.services["gateway"]
+    assert isinstance(gateway, GatewayService)
+    await wait_for(lambda: not gateway.billing.connected)
+    body = await post(
+        net,
+        "/payments",
+        {"bill": "PLN-1010", "amount": 412350, "pan": DEMO_PAN, "pin": DEMO_PIN},
+    )
     assert body.json()["response_code"] == RC.ISSUER_INOPERATIVE
     assert body.json()["status"] == "failed"
+    await net.stop()
 
 
 async def test_billing_database_failure_answers_91_then_recovers(network: Network) -> None:
