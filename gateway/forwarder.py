@@ -27,12 +27,12 @@ from gateway.journal import journal_row
 from gateway.metrics import SafMetrics
 from gateway.saf import Claimed, Outcome, SafState, SafStore, after_attempt
 from shared import codec
-from shared.backoff import Backoff
 from shared.errors import DecodeError, UpstreamError
 from shared.group_commit import GroupCommit
 from shared.iso_link import IsoFrame
 from shared.messages import match_key
 from shared.pan import PanHasher
+from shared.service import retry_policy
 from shared.settings import Settings
 from shared.upstream import Upstream
 
@@ -67,13 +67,8 @@ class Forwarder:
         self._log = log
         self._pan_hash = pan_hash
         self._owner = settings.replica_id
-        self._schedule = Backoff(
-            settings.retry_base_delay,
-            settings.retry_factor,
-            max(settings.retry_max_delay, settings.retry_base_delay),
-            1,
-            jitter=settings.retry_jitter,
-        )
+        # The same 1, 2, 4, 8, 16 s schedule as online retries; only delay() is used here.
+        self._schedule = retry_policy(settings)
         self._wake = trio.Event()
         self._limiter = trio.CapacityLimiter(settings.saf_concurrency)
         self._stopping = False
