@@ -28,6 +28,7 @@ from acquirer.store import TransactionStore
 from gateway.journal import status_of
 from hsm.keyfile import KeyFile, load_key_file
 from shared import codec
+from shared.auth import public
 from shared.codes import RC, describe
 from shared.errors import UpstreamError
 from shared.http import json_error
@@ -93,11 +94,12 @@ class AcquirerService(IsoService):
 
     # -- HTTP API -------------------------------------------------------------------------------
     def routes(self) -> Sequence[BaseRoute]:
+        # The customer-facing payment API: open (public), unlike the admin routes.
         return [
-            Route("/inquiries", self._post_inquiry, methods=["POST"]),
-            Route("/payments", self._post_payment, methods=["POST"]),
-            Route("/payments/{tx_id}/reversal", self._post_reversal, methods=["POST"]),
-            Route("/transactions/{tx_id}", self._get_transaction, methods=["GET"]),
+            public(Route("/inquiries", self._post_inquiry, methods=["POST"])),
+            public(Route("/payments", self._post_payment, methods=["POST"])),
+            public(Route("/payments/{tx_id}/reversal", self._post_reversal, methods=["POST"])),
+            public(Route("/transactions/{tx_id}", self._get_transaction, methods=["GET"])),
         ]
 
     async def _post_inquiry(self, request: Request) -> Response:

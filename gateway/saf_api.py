@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.metrics import SafMetrics
 from gateway.saf import SafState, SafStore, SafTransitionError
+from shared.auth import actor_of, audit, audit_stream
 from shared.http import json_error
 
 RunDb = Callable[..., Awaitable[Any]]
@@ -57,6 +58,7 @@ def saf_routes(
     retention: float,
 ) -> list[BaseRoute]:
     """The routes above; ``store()`` is None until the database is open (503)."""
+    audit_log = audit_stream(log)
 
     async def guarded(fn: Handler, request: Request) -> Response:
         saf = store()
@@ -116,6 +118,15 @@ def saf_routes(
             return json_error(409, str(exc))
         metrics.operator.labels(action).inc()
         log.warning("saf_operator_action", action=action, entry=ident, state=view.state.value)
+        audit(
+            audit_log,
+            "saf_operator_action",
+            actor=actor_of(request),
+            action=f"saf.{action}",
+            target=f"saf/{ident}",
+            outcome="ok",
+            state=view.state.value,
+        )
         return JSONResponse(view.as_dict())
 
     async def purge(request: Request, saf: SafStore) -> Response:
@@ -124,6 +135,16 @@ def saf_routes(
         removed = await run_db(lambda: saf.purge(older_than=cutoff))
         metrics.operator.labels("purge").inc(removed)
         log.warning("saf_purged", removed=removed, older_than_s=age)
+        audit(
+            audit_log,
+            "saf_purged",
+            actor=actor_of(request),
+            action="saf.purge",
+            target="saf",
+            outcome="ok",
+            removed=removed,
+            older_than_s=age,
+        )
         return JSONResponse({"removed": removed, "older_than": cutoff.isoformat()})
 
     def route(path: str, fn: Handler, method: str) -> Route:

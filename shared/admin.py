@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from shared.auth import actor_of, audit, audit_stream
 from shared.http import json_error
 from shared.upstream import Upstream
 
@@ -41,6 +42,7 @@ def health_score(links: Sequence[Upstream[Any]]) -> int:
 def link_routes(links: Sequence[Upstream[Any]], log: Any) -> list[BaseRoute]:
     """The routes above, over ``links``."""
     by_name = {link.name: link for link in links}
+    audit_log = audit_stream(log)
 
     def find(request: Request) -> Upstream[Any] | None:
         return by_name.get(request.path_params["name"])
@@ -67,6 +69,15 @@ def link_routes(links: Sequence[Upstream[Any]], log: Any) -> list[BaseRoute]:
             return json_error(404, f"no breaker action {action!r} ({', '.join(BREAKER_ACTIONS)})")
         act(link)
         log.warning("breaker_operator_action", upstream=link.name, action=action)
+        audit(
+            audit_log,
+            "breaker_operator_action",
+            actor=actor_of(request),
+            action=f"breaker.{action}",
+            target=link.name,
+            outcome="ok",
+            state=link.breaker_view().get("state"),
+        )
         return JSONResponse(link.breaker_view())
 
     async def reconnect(request: Request) -> Response:
@@ -74,6 +85,15 @@ def link_routes(links: Sequence[Upstream[Any]], log: Any) -> list[BaseRoute]:
         if link is None:
             return unknown(request)
         dropped = link.pool.reconnect()
+        audit(
+            audit_log,
+            "link_reconnect",
+            actor=actor_of(request),
+            action="link.reconnect",
+            target=link.name,
+            outcome="ok",
+            dropped=dropped,
+        )
         return JSONResponse({"name": link.name, "dropped": dropped, "link": link.link_view()})
 
     return [

@@ -130,9 +130,73 @@ def _self_command() -> str:
 
 
 @app.command()
-def up(data_dir: DataDir = None) -> None:
-    """Start all four services in one process (SQLite under ./var by default)."""
+def up(
+    data_dir: DataDir = None,
+    processes: Annotated[
+        bool,
+        typer.Option("--processes", help="Run each service in its own process (uses every core)."),
+    ] = False,
+) -> None:
+    """Start all four services in one process (SQLite under ./var by default).
+
+    With --processes each service runs as `python -m shared.cli <service>`, started in
+    order (each healthy before the next) and stopped in reverse order on Ctrl-C/SIGTERM.
+    """
+    if processes:
+        _run_processes(data_dir)
+        return
     _run_network(("hsm", "billing", "gateway", "acquirer"), data_dir)
+
+
+def _run_processes(data_dir: Path | None) -> None:
+    """``paylab up --processes``: exit 0 after a clean stop, 1 when a service died."""
+    import signal
+    import time
+
+    from shared.network import ChildDied, ProcessNetwork
+
+    settings = _settings(data_dir)
+    network = ProcessNetwork(settings)
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            ports = network.start()
+        except (ChildDied, TimeoutError) as exc:
+            fail(f"cannot start: {exc} (is a port in use, or paylab already running?)")
+            raise  # unreachable
+        table = Table(title="paylab is running (one process per service)")
+        for col in ("service", "pid", "HTTP", "ISO-8583 / TCP"):
+            table.add_column(col)
+        for name, p in ports.items():
+            table.add_row(
+                name,
+                str(network.procs[name].pid),
+                f"http://{settings.host}:{p.http}",
+                f"{settings.host}:{p.iso}",
+            )
+        err.print(table)
+        err.print("Ctrl-C stops the network (acquirer first, each drained in turn).")
+        while not stopping:
+            dead = network.dead()
+            if dead:
+                name, code = next(iter(dead.items()))
+                err.print(f"[bold red]error:[/] the {name} process exited with code {code}")
+                network.stop()
+                raise typer.Exit(1)
+            time.sleep(0.2)
+        codes = network.stop()
+    finally:
+        network.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    bad = {n: c for n, c in codes.items() if c != 0}
+    if bad:
+        fail("unclean stop: " + ", ".join(f"{n} exited {c}" for n, c in bad.items()))
 
 
 def _single(name: str) -> Any:
@@ -244,6 +308,16 @@ AdminUrl = Annotated[
 ]
 
 
+AdminToken = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        help="Admin bearer token (default: the admin_token_operator setting).",
+        show_default=False,
+    ),
+]
+
+
 def _admin(url: str | None) -> str:
     if url:
         return url.rstrip("/")
@@ -251,12 +325,16 @@ def _admin(url: str | None) -> str:
     return f"http://{s.host}:{s.gateway_http_port}"
 
 
-def _admin_call(method: str, url: str, path: str) -> dict[str, Any]:
-    """Call an admin endpoint; any failure is one clear line and exit code 1."""
+def _admin_call(method: str, url: str, path: str, token: str | None = None) -> dict[str, Any]:
+    """Call an admin endpoint with the operator token (``--token`` or the
+    ``admin_token_operator`` setting); any failure is one clear line and exit code 1."""
     import httpx
 
+    bearer = token or _settings().admin_token_operator
     try:
-        r = httpx.request(method, url + path, timeout=10)
+        r = httpx.request(
+            method, url + path, timeout=10, headers={"Authorization": f"Bearer {bearer}"}
+        )
     except httpx.HTTPError as exc:
         fail(f"cannot reach {url} ({type(exc).__name__}); is the network running?")
         raise  # unreachable
@@ -271,9 +349,9 @@ def _admin_call(method: str, url: str, path: str) -> dict[str, Any]:
 
 
 @app.command()
-def links(url: AdminUrl = None, as_json: JsonOpt = False) -> None:
+def links(url: AdminUrl = None, token: AdminToken = None, as_json: JsonOpt = False) -> None:
     """Show the gateway's upstream links: connections, health, in flight, echo RTT."""
-    data = _admin_call("GET", _admin(url), "/links")
+    data = _admin_call("GET", _admin(url), "/links", token)
     if as_json:
         out.print_json(json.dumps(data))
         return
@@ -326,17 +404,19 @@ def _show_breakers(items: list[dict[str, Any]]) -> None:
 
 
 @breaker_app.command("status")
-def breaker_status(url: AdminUrl = None, as_json: JsonOpt = False) -> None:
+def breaker_status(
+    url: AdminUrl = None, token: AdminToken = None, as_json: JsonOpt = False
+) -> None:
     """Every breaker: state, window figures, time left open, calls rejected."""
-    data = _admin_call("GET", _admin(url), "/breakers")
+    data = _admin_call("GET", _admin(url), "/breakers", token)
     if as_json:
         out.print_json(json.dumps(data))
     else:
         _show_breakers(data["breakers"])
 
 
-def _breaker_action(action: str, name: str, url: str | None) -> None:
-    data = _admin_call("POST", _admin(url), f"/breakers/{name}/{action}")
+def _breaker_action(action: str, name: str, url: str | None, token: str | None) -> None:
+    data = _admin_call("POST", _admin(url), f"/breakers/{name}/{action}", token)
     _show_breakers([data])
 
 
@@ -344,21 +424,21 @@ BreakerName = Annotated[str, typer.Argument(help="Upstream name: billing or hsm.
 
 
 @breaker_app.command("reset")
-def breaker_reset(name: BreakerName, url: AdminUrl = None) -> None:
+def breaker_reset(name: BreakerName, url: AdminUrl = None, token: AdminToken = None) -> None:
     """Close a breaker now (also ends forced-open and disabled)."""
-    _breaker_action("reset", name, url)
+    _breaker_action("reset", name, url, token)
 
 
 @breaker_app.command("open")
-def breaker_open(name: BreakerName, url: AdminUrl = None) -> None:
+def breaker_open(name: BreakerName, url: AdminUrl = None, token: AdminToken = None) -> None:
     """Force a breaker open: calls fail fast until `paylab breaker reset`."""
-    _breaker_action("force-open", name, url)
+    _breaker_action("force-open", name, url, token)
 
 
 @breaker_app.command("disable")
-def breaker_disable(name: BreakerName, url: AdminUrl = None) -> None:
+def breaker_disable(name: BreakerName, url: AdminUrl = None, token: AdminToken = None) -> None:
     """Let everything through (metrics still kept) until `paylab breaker reset`."""
-    _breaker_action("disable", name, url)
+    _breaker_action("disable", name, url, token)
 
 
 # -- operators: the store-and-forward queue ------------------------------------------------
@@ -389,12 +469,13 @@ def saf_list(
     ] = None,
     rrn: Annotated[str | None, typer.Option(help="Only this RRN (field 37).")] = None,
     url: AdminUrl = None,
+    token: AdminToken = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Queue entries, newest first."""
     params = {"state": state, "limit": limit, "before_id": before_id, "rrn": rrn}
     query = "&".join(f"{k}={v}" for k, v in params.items() if v is not None)
-    data = _admin_call("GET", _admin(url), f"/saf?{query}")
+    data = _admin_call("GET", _admin(url), f"/saf?{query}", token)
     if as_json:
         out.print_json(json.dumps(data))
         return
@@ -407,21 +488,21 @@ EntryId = Annotated[int, typer.Argument(help="Queue entry id (see `paylab saf li
 
 
 @saf_app.command("show")
-def saf_show(entry_id: EntryId, url: AdminUrl = None) -> None:
+def saf_show(entry_id: EntryId, url: AdminUrl = None, token: AdminToken = None) -> None:
     """One entry, every field (the PAN masked; the message itself is never shown)."""
-    out.print_json(json.dumps(_admin_call("GET", _admin(url), f"/saf/{entry_id}")))
+    out.print_json(json.dumps(_admin_call("GET", _admin(url), f"/saf/{entry_id}", token)))
 
 
 @saf_app.command("retry")
-def saf_retry(entry_id: EntryId, url: AdminUrl = None) -> None:
+def saf_retry(entry_id: EntryId, url: AdminUrl = None, token: AdminToken = None) -> None:
     """Put a dead entry back in the queue, due now."""
-    _show_entries([_admin_call("POST", _admin(url), f"/saf/{entry_id}/retry")])
+    _show_entries([_admin_call("POST", _admin(url), f"/saf/{entry_id}/retry", token)])
 
 
 @saf_app.command("cancel")
-def saf_cancel(entry_id: EntryId, url: AdminUrl = None) -> None:
+def saf_cancel(entry_id: EntryId, url: AdminUrl = None, token: AdminToken = None) -> None:
     """Cancel an entry: it is never forwarded afterwards."""
-    _show_entries([_admin_call("POST", _admin(url), f"/saf/{entry_id}/cancel")])
+    _show_entries([_admin_call("POST", _admin(url), f"/saf/{entry_id}/cancel", token)])
 
 
 @saf_app.command("purge")
@@ -430,17 +511,18 @@ def saf_purge(
         int | None, typer.Option(help="Seconds (default: PAYLAB_SAF_RETENTION).")
     ] = None,
     url: AdminUrl = None,
+    token: AdminToken = None,
 ) -> None:
     """Delete done and cancelled entries older than the retention period."""
     query = "" if older_than is None else f"?older_than={older_than}"
-    data = _admin_call("POST", _admin(url), f"/saf/purge{query}")
+    data = _admin_call("POST", _admin(url), f"/saf/purge{query}", token)
     out.print(f"removed {data['removed']} entries older than {data['older_than']}")
 
 
 @saf_app.command("stats")
-def saf_stats(url: AdminUrl = None, as_json: JsonOpt = False) -> None:
+def saf_stats(url: AdminUrl = None, token: AdminToken = None, as_json: JsonOpt = False) -> None:
     """Entries by state, depth and the oldest entry's age."""
-    data = _admin_call("GET", _admin(url), "/saf/stats")
+    data = _admin_call("GET", _admin(url), "/saf/stats", token)
     if as_json:
         out.print_json(json.dumps(data))
         return
@@ -488,6 +570,56 @@ def reconcile(data_dir: DataDir = None, as_json: JsonOpt = False) -> None:
             out.print(f"  [red]{m.kind}[/] {m.key}: {m.detail}")
     if not report.clean:
         raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    duration: Annotated[float, typer.Option(min=0.5, help="Measured seconds per phase.")] = 10.0,
+    warmup: Annotated[float, typer.Option(min=0, help="Warm-up seconds per phase.")] = 2.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 64,
+    connections: Annotated[int, typer.Option(min=1, help="TCP connections per phase.")] = 8,
+    rate: Annotated[
+        float, typer.Option(min=0, help="Offered requests per second (0: as fast as answered).")
+    ] = 0.0,
+    bills: Annotated[
+        int, typer.Option(min=0, help="Bills seeded per payment phase (0: enough for ~4,000/s).")
+    ] = 0,
+    phase: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run only this phase (repeatable): echo, billing-inquiry, "
+            "billing-payment, chain-payment."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Benchmark (not a test): TPS and latency of the chain, of billing, of a raw echo server.
+
+    Starts hsm, billing and gateway each in its own process on free ports (a temporary
+    data directory), seeds bills, drives closed-loop load, stops everything. See
+    shared/bench.py and docs/performance.md.
+    """
+    from shared.bench import BenchOptions, render, run_bench
+
+    opts = BenchOptions(duration, warmup, concurrency, connections, rate, bills)
+    if phase:
+        unknown = set(phase) - set(opts.phases)
+        if unknown:
+            fail(
+                f"unknown phase(s) {', '.join(sorted(unknown))}; choose from "
+                + ", ".join(opts.phases)
+            )
+        opts.phases = tuple(p for p in opts.phases if p in phase)
+    try:
+        report = run_bench(opts, lambda m: err.print(f"[dim]{escape(m)}[/]"))
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        fail(f"benchmark failed: {exc}")
+        raise  # unreachable
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        for item in render(report):
+            out.print(item)
 
 
 @db_app.command("upgrade")

@@ -13,10 +13,18 @@ from hypercorn.trio import serve
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from shared.auth import (
+    DEFAULT_OPERATOR_TOKEN,
+    DEFAULT_READ_TOKEN,
+    SECURITY_HEADERS,
+    AdminGuard,
+    is_public,
+)
 from shared.log import get_logger
 from shared.metrics import ServiceMetrics
 
@@ -42,7 +50,11 @@ def _unhandled_handler(log: Any) -> Callable[[Request, Exception], Awaitable[Res
             error=type(exc).__name__,
             exc_info=exc,
         )
-        return json_error(500, "internal error")
+        response = json_error(500, "internal error")
+        # Answered outside AdminGuard (by starlette's outermost middleware): same headers.
+        response.headers.update({k.decode(): v.decode() for k, v in SECURITY_HEADERS})
+        response.headers["cache-control"] = "no-store"
+        return response
 
     return _unhandled
 
@@ -54,6 +66,7 @@ def service_app(
     routes: Sequence[BaseRoute] = (),
     log: Any = None,
     extra: Callable[[], dict[str, Any]] | None = None,
+    admin_tokens: tuple[str, str] = (DEFAULT_READ_TOKEN, DEFAULT_OPERATOR_TOKEN),
 ) -> Starlette:
     """A starlette app with ``GET /health``, ``GET /metrics`` and the service's ``routes``.
 
@@ -61,6 +74,10 @@ def service_app(
     ``{"service", "status": "ok"|"degraded", "live": true, "dependencies": {name: {...}}}``
     plus what ``extra()`` returns (the health score): the process is alive whenever it
     answers at all.
+
+    Every other route needs an admin token, ``admin_tokens`` = (read-only, operator),
+    except the ones marked with :func:`shared.auth.public`; every answer carries the
+    security headers (see :mod:`shared.auth`).
     """
     checks = checks or {}
 
@@ -97,6 +114,15 @@ def service_app(
             HTTPException: _http_exception,
             Exception: _unhandled_handler(log or get_logger(service)),
         },
+        middleware=[
+            Middleware(
+                AdminGuard,
+                service=service,
+                read_token=admin_tokens[0],
+                operator_token=admin_tokens[1],
+                public_routes=[r for r in routes if is_public(r)],
+            )
+        ],
     )
 
 

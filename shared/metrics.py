@@ -184,8 +184,17 @@ class ServiceMetrics:
             ["reason"],
             registry=r,
         )
+        self.connections_timed_out = Counter(
+            "paylab_tcp_connections_timed_out",
+            "ISO connections closed for slowness: a frame not whole within frame_timeout "
+            "(frame), or nothing received within idle_timeout (idle).",
+            ["reason"],
+            registry=r,
+        )
         for reason in ("per_source", "total"):
             self.connections_refused.labels(reason)
+        for reason in ("frame", "idle"):
+            self.connections_timed_out.labels(reason)
         for reason in ("undecodable", "framing", "invalid"):
             self.frames_rejected.labels(reason)
         # Pre-create the common series so dashboards are not empty before traffic.

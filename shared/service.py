@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute
 
 from shared import codec
 from shared.admin import health_score, link_routes
+from shared.auth import default_tokens_in_use
 from shared.backoff import Backoff
 from shared.breaker import BreakerConfig
 from shared.codes import RC
@@ -85,6 +86,8 @@ class Service:
             max_in_flight=settings.max_in_flight_per_connection,
             max_connections_per_source=settings.max_connections_per_source,
             max_connections=settings.max_connections,
+            frame_timeout=settings.frame_timeout,
+            idle_timeout=settings.idle_timeout,
         )
         self.engine: Engine | None = None
         self.sessions: sessionmaker[Session] | None = None
@@ -231,7 +234,11 @@ class Service:
                 routes,
                 self.log,
                 extra=self.health_extra,
+                admin_tokens=(self.settings.admin_token_read, self.settings.admin_token_operator),
             )
+            s = self.settings
+            for name in default_tokens_in_use(s.admin_token_read, s.admin_token_operator):
+                self.log.warning("admin_token_default", setting=name, hint="lab value: change it")
             http_port = await nursery.start(self._run_http, app)
             self.ports = Ports(iso=iso_port, http=http_port)
             self.log.info("service_started", iso_port=iso_port, http_port=http_port)

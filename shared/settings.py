@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.auth import DEFAULT_OPERATOR_TOKEN, DEFAULT_READ_TOKEN
 from shared.framing import DEFAULT_MAX_FRAME, HeaderKind
 
 SERVICES = ("acquirer", "gateway", "billing", "hsm")
@@ -229,6 +230,32 @@ class Settings(BaseSettings):
     )
     max_connections: int = Field(
         4096, ge=0, description="Concurrent connections to one ISO listener (0: off)."
+    )
+
+    # -- admin access and abuse limits ----------------------------------------------------
+    admin_token_read: str = Field(
+        DEFAULT_READ_TOKEN,
+        min_length=8,
+        description="Bearer token of the read-only admin role (GET on /links, /breakers, "
+        "/saf, /transactions). The default is a public lab value: change it outside a lab.",
+    )
+    admin_token_operator: str = Field(
+        DEFAULT_OPERATOR_TOKEN,
+        min_length=8,
+        description="Bearer token of the operator role (read + POST actions); the CLI sends "
+        "it. The default is a public lab value: change it outside a lab.",
+    )
+    frame_timeout: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a started frame may take to arrive whole on an ISO listener; "
+        "then the connection is closed (slowloris guard; 0: off).",
+    )
+    idle_timeout: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds an ISO connection may send nothing at all before it is closed "
+        "(keep it above heartbeat_interval; 0: off).",
     )
 
     # -- wire ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ a key; :class:`shared.pool.UpstreamPool` keeps several of them to a peer.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -41,6 +42,9 @@ class FramedServer:
       everyone else keeps being served;
     * a framing error (oversize or malformed length) is logged without content, counted,
       and closes that connection after its in-flight requests are answered;
+    * a frame that is not whole ``frame_timeout`` seconds after its first byte arrived, or
+      a connection that sends nothing for ``idle_timeout`` seconds (0: no limit), is closed
+      the same way, logged and counted (slowloris guard);
     * :meth:`shutdown` stops accepting and reading, lets in-flight requests finish within
       ``grace`` seconds, then closes every connection.
     """
@@ -59,6 +63,8 @@ class FramedServer:
         max_in_flight: int = 256,
         max_connections_per_source: int = 0,
         max_connections: int = 0,
+        frame_timeout: float = 0.0,
+        idle_timeout: float = 0.0,
     ) -> None:
         self.name = name
         self.host = host
@@ -69,6 +75,8 @@ class FramedServer:
         self._kind = kind
         self._max_frame = max_frame
         self._max_in_flight = max_in_flight
+        self._frame_timeout = frame_timeout
+        self._idle_timeout = idle_timeout
         self._accept_scope = trio.CancelScope()
         self._reader_scopes: set[trio.CancelScope] = set()
         self._conn_nursery: trio.Nursery | None = None
@@ -147,14 +155,34 @@ class FramedServer:
         send_lock: trio.Lock,
         slots: trio.Semaphore,
     ) -> None:
+        last_data = trio.current_time()
+        frame_started: float | None = None  # when the first byte of a partial frame came
         while True:
+            deadline, why = self._read_deadline(last_data, frame_started)
+            data = b""
             try:
-                data = await stream.receive_some(_READ_SIZE)
+                with trio.move_on_at(deadline) as waited:
+                    data = await stream.receive_some(_READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if waited.cancelled_caught:
+                self._metrics.connections_timed_out.labels(why).inc()
+                self._log.warning(
+                    "connection_timed_out",
+                    listener=self.name,
+                    peer=peer,
+                    reason=why,
+                    buffered=parser.buffered,
+                )
                 return
             if not data:
                 return
+            now = trio.current_time()
+            last_data = now
+            if frame_started is None:
+                frame_started = now
             parser.feed(data)
+            served = False
             while True:
                 try:
                     frame = parser.next_frame()
@@ -166,10 +194,25 @@ class FramedServer:
                     return
                 if frame is None:
                     break
+                served = True
                 if not frame:
                     continue  # a zero-length frame: a keep-alive, nothing to answer
                 await slots.acquire()
                 nursery.start_soon(self._handle_one, stream, peer, frame, send_lock, slots)
+            if served:  # the rest (if any) is the start of the next frame: its clock starts
+                frame_started = trio.current_time() if parser.buffered else None
+
+    def _read_deadline(self, last_data: float, frame_started: float | None) -> tuple[float, str]:
+        """When the next read gives up, and why: a partial frame's time is up (``frame``)
+        or the connection has been silent too long (``idle``)."""
+        deadline, why = math.inf, "idle"
+        if self._idle_timeout > 0:
+            deadline = last_data + self._idle_timeout
+        if frame_started is not None and self._frame_timeout > 0:
+            frame_deadline = frame_started + self._frame_timeout
+            if frame_deadline < deadline:
+                deadline, why = frame_deadline, "frame"
+        return deadline, why
 
     async def _handle_one(
         self,

@@ -110,6 +110,14 @@ class RawIsoClient:
         await self.stream.aclose()
 
 
+def admin_headers(settings: Settings | None = None, *, role: str = "operator") -> dict[str, str]:
+    """The ``Authorization`` header of the admin API (operator token unless ``role="read"``);
+    without settings, the lab default tokens."""
+    s = settings or Settings(_env_file=None)  # type: ignore[call-arg]
+    token = s.admin_token_read if role == "read" else s.admin_token_operator
+    return {"Authorization": f"Bearer {token}"}
+
+
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes (then fail)."""
     with trio.fail_after(timeout):

@@ -45,6 +45,7 @@ from tests.support import (
     DEMO_PIN,
     KEYS,
     RawIsoClient,
+    admin_headers,
     lab_settings,
     terminal_builder,
     wait_for,
@@ -628,7 +629,7 @@ async def test_admin_api_links_breakers_reconnect_and_health(lab: Lab) -> None:
     billing, gw = await gateway_lab(lab, heartbeat_interval=60)
     client = await RawIsoClient.connect(iso(gw))
     builder = terminal_builder("ADMINTRM")
-    async with httpx.AsyncClient(base_url=http(gw), timeout=10) as api:
+    async with httpx.AsyncClient(base_url=http(gw), timeout=10, headers=admin_headers()) as api:
         r = await api.get("/links")
         assert r.status_code == 200
         body = r.json()

@@ -48,6 +48,7 @@ from tests.support import (
     DEMO_PIN,
     KEYS,
     RawIsoClient,
+    admin_headers,
     lab_settings,
     terminal_builder,
 )
@@ -540,7 +541,7 @@ async def test_cancelled_entry_never_sent_and_dead_entry_retried_by_hand(
     assert_standin(dropped.answer)
 
     base = f"http://127.0.0.1:{net.ports['gateway'].http}"
-    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+    async with httpx.AsyncClient(base_url=base, timeout=10, headers=admin_headers()) as http:
         keep_id = (await entry_of(http, kept))["id"]
         drop_id = (await entry_of(http, dropped))["id"]
         r = await http.post(f"/saf/{drop_id}/cancel")
@@ -601,7 +602,7 @@ async def test_full_queue_declines_the_next_standin_and_keeps_the_queued(
     assert "38" not in sent[5].answer
 
     base = f"http://127.0.0.1:{net.ports['gateway'].http}"
-    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+    async with httpx.AsyncClient(base_url=base, timeout=10, headers=admin_headers()) as http:
         text = (await http.get("/metrics")).text
         stats = (await http.get("/saf/stats")).json()
     assert metric(text, "paylab_saf_rejected_total", {"reason": "full"}) == 1
@@ -780,7 +781,7 @@ class Lab:
         )
 
     def get(self, name: str, path: str) -> Any:
-        r = httpx.get(self.http(name) + path, timeout=10)
+        r = httpx.get(self.http(name) + path, timeout=10, headers=admin_headers())
         assert r.status_code == 200, r.text
         return r.json()
 

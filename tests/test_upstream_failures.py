@@ -15,7 +15,14 @@ from shared.codes import RC
 from shared.framing import FrameParser, encode_frame
 from shared.messages import Message, make_response
 from shared.network import Network
-from tests.support import DEMO_PAN, DEMO_PIN, RawIsoClient, lab_settings, terminal_builder
+from tests.support import (
+    DEMO_PAN,
+    DEMO_PIN,
+    RawIsoClient,
+    admin_headers,
+    lab_settings,
+    terminal_builder,
+)
 
 #: Decides what a fake billing host does with the requests it has received so far.
 Behaviour = Callable[[list[Message], Callable[[Message], Awaitable[None]]], Awaitable[None]]
@@ -98,7 +105,7 @@ async def test_silent_billing_gives_68_and_is_journaled_unknown(
     assert answer["39"] == RC.LATE_RESPONSE
     # An inquiry that times out changed nothing upstream: "inoperative", not "unknown".
     assert (await client.roundtrip(builder.inquiry("PLN-0001")))["39"] == RC.ISSUER_INOPERATIVE
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(headers=admin_headers()) as http:
         r = await http.get(
             f"http://127.0.0.1:{net.ports['gateway'].http}/transactions",
             params={"rrn": payment["37"]},
