@@ -487,6 +487,7 @@ def run_bench(
             "PAYLAB_MAX_CONNECTIONS_PER_SOURCE": "0",
             "PAYLAB_LOG_LEVEL": "warning",
             "PAYLAB_LOG_FORMAT": "json",
+            "PAYLAB_TLS_ENABLED": "false",  # the bench's own clients speak plain TCP
         }
         net = ProcessNetwork(settings, ("hsm", "billing", "gateway"), env=env, output=log)
         echo_port = _free_port(settings.host)

@@ -180,7 +180,8 @@ class ServiceMetrics:
         )
         self.connections_refused = Counter(
             "paylab_tcp_connections_refused",
-            "Connections closed at accept: too many from one source address, or overall.",
+            "Connections closed at accept: too many from one source address, or overall, "
+            "or a failed TLS handshake (reason=tls).",
             ["reason"],
             registry=r,
         )
@@ -191,7 +192,7 @@ class ServiceMetrics:
             ["reason"],
             registry=r,
         )
-        for reason in ("per_source", "total"):
+        for reason in ("per_source", "total", "tls"):
             self.connections_refused.labels(reason)
         for reason in ("frame", "idle"):
             self.connections_timed_out.labels(reason)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import ssl
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -129,6 +130,9 @@ class PoolConfig:
     connect_timeout: float = 2.0
     reconnect: Backoff = field(default_factory=lambda: Backoff(0.5, 2.0, 16.0, 1, jitter=True))
     sign_off_timeout: float = 0.5
+    #: TLS client context (None: plain TCP). The handshake verifies the server's certificate
+    #: against the host of the endpoint's address and runs within ``connect_timeout``.
+    ssl_context: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_connections <= self.max_connections or self.max_connections < 1:
@@ -417,15 +421,35 @@ class UpstreamPool(Generic[T]):
     async def _connect(self, slot: _Slot[T]) -> MultiplexedConnection[T] | None:
         """Connect and sign on; None on failure (logged, reported to the gate)."""
         cfg = self.config
-        stream: trio.SocketStream | None = None
+        stream: trio.abc.Stream | None = None
+        raw: trio.SocketStream | None = None
         try:
             with trio.fail_after(cfg.connect_timeout):
-                stream = await trio.open_tcp_stream(*slot.address)
-        except (OSError, trio.TooSlowError) as exc:
-            slot.last_error = f"connect: {type(exc).__name__}"
-            self._log.debug("connect_failed", upstream=self.name, endpoint=slot.role)
+                raw = await trio.open_tcp_stream(*slot.address)
+                stream = raw
+                if cfg.ssl_context is not None:
+                    tls = trio.SSLStream(raw, cfg.ssl_context, server_hostname=slot.address[0])
+                    await tls.do_handshake()
+                    stream = tls
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            if raw is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(raw)
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            if raw is not None and cfg.ssl_context is not None:  # TCP was up: TLS failed
+                slot.last_error = f"tls: {type(cause or exc).__name__}"
+                self._log.warning(
+                    "tls_handshake_failed",
+                    upstream=self.name,
+                    endpoint=slot.role,
+                    reason=getattr(cause, "reason", None) or type(cause or exc).__name__,
+                )
+            else:
+                slot.last_error = f"connect: {type(exc).__name__}"
+                self._log.debug("connect_failed", upstream=self.name, endpoint=slot.role)
             self.gate.connect_result(False)
             return None
+        assert stream is not None
         conn: MultiplexedConnection[T] = MultiplexedConnection(
             stream,
             self._decode,

@@ -9,6 +9,7 @@ one nursery; :meth:`stop` drains: stop accepting and reading, answer what is in 
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +37,7 @@ from shared.metrics import DatabaseMetrics, ServiceMetrics
 from shared.pool import LinkDialect, PoolConfig, UpstreamPool
 from shared.settings import Settings
 from shared.tcp import FramedServer
+from shared.tls import client_context, server_context
 from shared.upstream import NO_RETRY, AnswerPolicy, Upstream
 from shared.validation import validate_request
 
@@ -88,7 +90,11 @@ class Service:
             max_connections=settings.max_connections,
             frame_timeout=settings.frame_timeout,
             idle_timeout=settings.idle_timeout,
+            ssl_context=server_context(settings, self.name),
+            handshake_timeout=settings.frame_timeout or 10.0,
         )
+        #: TLS context of this service's upstream links (None: plain TCP).
+        self.client_ssl = client_context(settings, self.name)
         self.engine: Engine | None = None
         self.sessions: sessionmaker[Session] | None = None
         # One database call at a time per service: SQLite has a single writer anyway, and
@@ -199,7 +205,7 @@ class Service:
             dialect,
             metrics=self.metrics,
             log=self.log,
-            config=pool_config(s),
+            config=pool_config(s, self.client_ssl),
             backup=backup,
             kind=s.framing,
             max_frame=s.max_frame,
@@ -304,9 +310,10 @@ async def _link_check(link: Upstream[Any]) -> tuple[bool, str]:
     return link.available, detail
 
 
-def pool_config(s: Settings) -> PoolConfig:
-    """The pool sizes and timings of ``s``."""
+def pool_config(s: Settings, ssl_context: ssl.SSLContext | None = None) -> PoolConfig:
+    """The pool sizes and timings of ``s``; ``ssl_context`` makes its links TLS."""
     return PoolConfig(
+        ssl_context=ssl_context,
         min_connections=s.pool_min_connections,
         max_connections=max(s.pool_max_connections, s.pool_min_connections),
         max_in_flight=s.max_in_flight_per_connection,

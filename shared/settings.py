@@ -311,6 +311,23 @@ class Settings(BaseSettings):
         description="Secret for keyed PAN hashes in the databases. Change it outside a lab.",
     )
 
+    # -- TLS on the ISO-8583 and HSM links (docs/security.md) ------------------------------
+    tls_enabled: bool = Field(
+        False,
+        description="TLS on every ISO-8583 and HSM link (listeners and pools); files from "
+        "`paylab certs` in tls_dir. Off: plain TCP. See docs/security.md.",
+    )
+    tls_dir: Path = Field(
+        Path("var/tls"),
+        description="Directory of `ca.crt` and each service's `<service>.crt` and "
+        "`<service>.key` (made by `paylab certs`).",
+    )
+    tls_mutual: bool = Field(
+        False,
+        description="Mutual TLS: listeners require a client certificate signed by the lab "
+        "CA, and pools present their own service's certificate.",
+    )
+
     # -- logging ------------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level written."

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import ssl
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -45,6 +46,11 @@ class FramedServer:
     * a frame that is not whole ``frame_timeout`` seconds after its first byte arrived, or
       a connection that sends nothing for ``idle_timeout`` seconds (0: no limit), is closed
       the same way, logged and counted (slowloris guard);
+    * with ``ssl_context``, every accepted connection is wrapped in TLS; the handshake runs
+      in that connection's own task within ``handshake_timeout`` seconds, so a peer that
+      never handshakes cannot hold up accepting. A failed or timed-out handshake is logged
+      (``tls_handshake_failed``), counted (``connections_refused{reason="tls"}``) and closes
+      only that connection;
     * :meth:`shutdown` stops accepting and reading, lets in-flight requests finish within
       ``grace`` seconds, then closes every connection.
     """
@@ -65,6 +71,8 @@ class FramedServer:
         max_connections: int = 0,
         frame_timeout: float = 0.0,
         idle_timeout: float = 0.0,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         self.name = name
         self.host = host
@@ -77,6 +85,8 @@ class FramedServer:
         self._max_in_flight = max_in_flight
         self._frame_timeout = frame_timeout
         self._idle_timeout = idle_timeout
+        self._ssl_context = ssl_context
+        self._handshake_timeout = handshake_timeout
         self._accept_scope = trio.CancelScope()
         self._reader_scopes: set[trio.CancelScope] = set()
         self._conn_nursery: trio.Nursery | None = None
@@ -124,11 +134,47 @@ class FramedServer:
             await stream.aclose()
             return
         try:
-            await self._serve_accepted(stream, peer)
+            served: trio.abc.Stream | None = stream
+            if self._ssl_context is not None:
+                served = await self._tls_handshake(stream, peer)
+            if served is not None:
+                await self._serve_accepted(served, peer)
         finally:
             self._conn_limits.release(host)
 
-    async def _serve_accepted(self, stream: trio.SocketStream, peer: str) -> None:
+    async def _tls_handshake(
+        self, stream: trio.SocketStream, peer: str
+    ) -> trio.SSLStream[Any] | None:
+        """The TLS stream over ``stream``, or None (logged, counted, closed) on failure."""
+        assert self._ssl_context is not None
+        tls = trio.SSLStream(stream, self._ssl_context, server_side=True)
+        reason: str | None = None
+        try:
+            with trio.move_on_after(self._handshake_timeout) as waited:
+                await tls.do_handshake()
+            if waited.cancelled_caught:
+                reason = "timeout"
+        except trio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            reason = type(cause).__name__ if cause is not None else "broken"
+            if isinstance(cause, ssl.SSLError) and cause.reason:
+                reason = cause.reason
+        except trio.ClosedResourceError:
+            reason = "closed"
+        except BaseException:  # cancelled (shutdown): the socket must not leak
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            raise
+        if reason is None and not self._closing:
+            return tls
+        if reason is not None:
+            self._metrics.connections_refused.labels("tls").inc()
+            self._log.warning("tls_handshake_failed", listener=self.name, peer=peer, reason=reason)
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+        return None
+
+    async def _serve_accepted(self, stream: trio.abc.Stream, peer: str) -> None:
         parser = FrameParser(self._kind, self._max_frame)
         send_lock = trio.Lock()
         slots = trio.Semaphore(self._max_in_flight)
@@ -143,12 +189,12 @@ class FramedServer:
                         self._reader_scopes.discard(reader)
         finally:
             self._metrics.connections.dec()
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await stream.aclose()  # a TLS close_notify never waits long on a stuck peer
 
     async def _read_loop(
         self,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         peer: str,
         parser: FrameParser,
         nursery: trio.Nursery,
@@ -159,7 +205,7 @@ class FramedServer:
         frame_started: float | None = None  # when the first byte of a partial frame came
         while True:
             deadline, why = self._read_deadline(last_data, frame_started)
-            data = b""
+            data: bytes | bytearray = b""
             try:
                 with trio.move_on_at(deadline) as waited:
                     data = await stream.receive_some(_READ_SIZE)
@@ -216,7 +262,7 @@ class FramedServer:
 
     async def _handle_one(
         self,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         peer: str,
         frame: bytes,
         send_lock: trio.Lock,
@@ -306,8 +352,8 @@ class MultiplexedConnection(Generic[T]):
             return
         finally:
             self._fail_all()
-            with trio.CancelScope(shield=True):
-                await self._stream.aclose()
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await self._stream.aclose()  # bounded: a TLS close_notify to a stuck peer
 
     def _dispatch(self, payload: bytes) -> None:
         try:

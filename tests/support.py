@@ -63,7 +63,7 @@ def terminal_builder(
 class RawIsoClient:
     """A plain framed client: send bytes or messages, read whole frames with a deadline."""
 
-    def __init__(self, stream: trio.SocketStream, kind: HeaderKind = HeaderKind.BINARY2) -> None:
+    def __init__(self, stream: trio.abc.Stream, kind: HeaderKind = HeaderKind.BINARY2) -> None:
         self.stream = stream
         self.kind = kind
         self.parser = FrameParser(kind, 65535)
