@@ -128,7 +128,7 @@ class GatewayService(IsoService):
         for limit in LIMITS:
             self.metrics.rate_limited.labels(limit)
         self.standin = StandInPolicy.from_settings(settings)
-        self.vault = Vault.from_secret(settings.data_key, settings.data_key_id)
+        self.vault = Vault.from_secrets(settings.data_keys(), settings.data_key_id)
         self.saf: SafStore | None = None
         self.saf_metrics = SafMetrics(self.metrics.registry)
         self.forwarder: Forwarder | None = None

@@ -109,7 +109,7 @@ async def bench_drain(settings: Settings, batch: list[NewEntry]) -> float:
         upgrade(engine, "gateway:migrations")
         store = SafStore(
             session_factory(engine),
-            Vault.from_secret(settings.data_key, settings.data_key_id),
+            Vault.from_secrets(settings.data_keys(), settings.data_key_id),
             max_size=10**9,
         )
         for entry in batch:

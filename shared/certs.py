@@ -84,23 +84,30 @@ def make_ca(common_name: str = "paylab lab CA", days: int = DEFAULT_DAYS) -> Pem
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(key_cert_sign=True, crl_sign=True),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     return PemPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def _key_usage(
+    *, key_cert_sign: bool = False, crl_sign: bool = False, key_agreement: bool = False
+) -> x509.KeyUsage:
+    """Digital signature always (ECDSA handshakes), plus what the certificate's role needs."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=key_agreement,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _san_entries(names: Iterable[str]) -> list[x509.GeneralName]:
@@ -143,17 +150,7 @@ def make_service_cert(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(key_agreement=True),
             critical=True,
         )
         .add_extension(

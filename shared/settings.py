@@ -14,6 +14,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.auth import DEFAULT_OPERATOR_TOKEN, DEFAULT_READ_TOKEN
+from shared.errors import ConfigError
 from shared.framing import DEFAULT_MAX_FRAME, HeaderKind
 
 SERVICES = ("acquirer", "gateway", "billing", "hsm")
@@ -206,6 +207,17 @@ class Settings(BaseSettings):
     data_key_id: str = Field(
         "k1", min_length=1, max_length=16, description="Id stored beside each ciphertext."
     )
+    data_key_file: Path | None = Field(
+        None,
+        description="File holding the data key secret (first line); when set it replaces "
+        "data_key, so the secret stays out of the environment.",
+    )
+    data_keys_retired: str = Field(
+        "",
+        description="Earlier data keys, still able to open what they sealed: "
+        "'id:secret,id:secret'. Rotation: move the old key here, set a new data_key and "
+        "data_key_id.",
+    )
 
     # -- rate limits (gateway's ISO listener) ----------------------------------------------
     rate_limit_institution: float = Field(
@@ -337,6 +349,27 @@ class Settings(BaseSettings):
         description="json (one object a line), console (for people), or auto: console on a "
         "terminal, json otherwise.",
     )
+
+    def data_keys(self) -> dict[str, str]:
+        """Every data key secret by id: the retired ones and the current one (which wins).
+
+        Raises:
+            ConfigError: data_key_file cannot be read, or data_keys_retired is malformed.
+        """
+        keys: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in self.data_keys_retired.split(","))):
+            key_id, sep, secret = item.partition(":")
+            if not sep or not key_id or not secret:
+                raise ConfigError("data_keys_retired must read 'id:secret,id:secret'")
+            keys[key_id] = secret
+        secret = self.data_key
+        if self.data_key_file is not None:
+            try:
+                secret = self.data_key_file.read_text(encoding="utf-8").splitlines()[0].strip()
+            except (OSError, IndexError) as exc:
+                raise ConfigError(f"cannot read data_key_file {self.data_key_file}") from exc
+        keys[self.data_key_id] = secret
+        return keys
 
     @property
     def online_budget(self) -> float:

@@ -91,12 +91,25 @@ class Vault:
         Raises:
             ValueError: the secret is empty, or the key id is invalid.
         """
-        if not secret:
-            raise ValueError("the vault secret must not be empty")
-        key = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=HKDF_INFO).derive(
-            secret.encode("utf-8")
-        )
-        return cls({key_id: key}, key_id)
+        return cls.from_secrets({key_id: secret}, key_id)
+
+    @classmethod
+    def from_secrets(cls, secrets: Mapping[str, str], current: str) -> Vault:
+        """A vault with one key per ``key id -> secret`` (derived as in :meth:`from_secret`).
+
+        ``current`` seals; the others still open what they sealed: that is key rotation.
+
+        Raises:
+            ValueError: a secret is empty, a key id is invalid, or ``current`` is missing.
+        """
+        keys: dict[str, bytes] = {}
+        for key_id, secret in secrets.items():
+            if not secret:
+                raise ValueError("the vault secret must not be empty")
+            keys[key_id] = HKDF(
+                algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=HKDF_INFO
+            ).derive(secret.encode("utf-8"))
+        return cls(keys, current)
 
     @property
     def current_key_id(self) -> str:

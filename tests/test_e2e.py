@@ -147,8 +147,8 @@ async def test_online_payments_and_reversal_reconcile_clean(network: Network) ->
     gateway = network.services["gateway"]
     assert isinstance(gateway, GatewayService) and gateway.journal_writer is not None
     await gateway.journal_writer.flush()
-    assert gateway.sessions is not None and billing(network).engine is not None
     gateway_sessions, billing_engine = gateway.sessions, billing(network).engine
+    assert gateway_sessions is not None and billing_engine is not None
     report = await trio.to_thread.run_sync(
         lambda: reconcile(load_gateway_facts(gateway_sessions), load_postings(billing_engine))
     )

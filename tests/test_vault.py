@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from shared.errors import PaylabError
+from shared.errors import ConfigError, PaylabError
+from shared.settings import Settings
 from shared.vault import NONCE_BYTES, Vault, VaultError
 
 K1 = bytes(range(32))
@@ -127,3 +130,42 @@ def test_errors_are_paylab_errors_and_repr_hides_keys() -> None:
     vault = Vault({"k1": K1}, "k1")
     assert K1.hex() not in repr(vault)
     assert repr(vault) == "Vault(keys=['k1'], current='k1')"
+
+
+# -- rotation through the settings -------------------------------------------------------------
+
+
+def _settings(tmp_path: Path, **values: object) -> Settings:
+    return Settings(_env_file=None, data_dir=tmp_path, **values)  # type: ignore[call-arg]
+
+
+def test_rotated_settings_open_what_the_old_key_sealed(tmp_path: Path) -> None:
+    old = _settings(tmp_path, data_key="first-secret-0123456789", data_key_id="k1")
+    key_id, blob = Vault.from_secrets(old.data_keys(), old.data_key_id).seal(b"0220...", b"key")
+    new = _settings(
+        tmp_path,
+        data_key="second-secret-0123456789",
+        data_key_id="k2",
+        data_keys_retired="k1:first-secret-0123456789",
+    )
+    vault = Vault.from_secrets(new.data_keys(), new.data_key_id)
+    assert vault.open(key_id, blob, b"key") == b"0220..."
+    assert vault.seal(b"x")[0] == "k2"
+
+
+def test_data_key_file_replaces_the_inline_secret(tmp_path: Path) -> None:
+    secret_file = tmp_path / "data.key"
+    secret_file.write_text("file-secret-0123456789\n")
+    s = _settings(tmp_path, data_key_file=secret_file)
+    assert s.data_keys() == {"k1": "file-secret-0123456789"}
+
+
+@pytest.mark.parametrize("retired", ["k0", "k0:", ":secret", "k0:a,broken"])
+def test_malformed_retired_keys_are_a_config_error(tmp_path: Path, retired: str) -> None:
+    with pytest.raises(ConfigError):
+        _settings(tmp_path, data_keys_retired=retired).data_keys()
+
+
+def test_unreadable_data_key_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        _settings(tmp_path, data_key_file=tmp_path / "missing.key").data_keys()
