@@ -243,8 +243,13 @@ class Service:
                 admin_tokens=(self.settings.admin_token_read, self.settings.admin_token_operator),
             )
             s = self.settings
-            for name in default_tokens_in_use(s.admin_token_read, s.admin_token_operator):
-                self.log.warning("admin_token_default", setting=name, hint="lab value: change it")
+            defaults = default_tokens_in_use(s.admin_token_read, s.admin_token_operator)
+            if defaults and not _warned["admin_token_default"]:
+                # Once per process: `paylab up` runs four services with the same settings.
+                _warned["admin_token_default"] = True
+                self.log.warning(
+                    "admin_token_default", settings=list(defaults), hint="lab values: change them"
+                )
             http_port = await nursery.start(self._run_http, app)
             self.ports = Ports(iso=iso_port, http=http_port)
             self.log.info("service_started", iso_port=iso_port, http_port=http_port)
@@ -290,6 +295,10 @@ class Service:
         """Release what :meth:`prepare` opened (the database engine)."""
         if self.engine is not None:
             self.engine.dispose()
+
+
+#: Start-up warnings already given in this process.
+_warned = {"admin_token_default": False}
 
 
 def _ping(engine: Engine) -> bool:

@@ -170,6 +170,9 @@ def test_token_settings_and_defaults() -> None:
 async def test_network_admin_api_is_protected_and_audited(
     tmp_path: Path, nursery: trio.Nursery, log_buffer: io.StringIO
 ) -> None:
+    import shared.service
+
+    shared.service._warned["admin_token_default"] = False  # warned once per process
     net = await start_network(nursery, tmp_path, log_level="info")
     try:
         gw = f"http://127.0.0.1:{net.ports['gateway'].http}"
@@ -214,7 +217,9 @@ async def test_network_admin_api_is_protected_and_audited(
         ("operator", "breaker.force-open", "billing", "ok"),
         ("operator", "breaker.reset", "billing", "ok"),
     ]
-    assert records(log_buffer, event="admin_token_default", service="gateway")
+    # One warning for the whole network (the first service to start), naming both tokens.
+    (warning,) = records(log_buffer, event="admin_token_default")
+    assert set(warning["settings"]) == {"admin_token_read", "admin_token_operator"}
 
 
 # -- slowloris ----------------------------------------------------------------------------
