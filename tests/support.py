@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from acquirer.builder import RequestBuilder, StanCounter, Terminal
 from hsm.keyfile import load_key_file
@@ -17,6 +22,8 @@ from shared.network import Network
 from shared.settings import Settings
 
 KEYS = load_key_file()
+#: PostgreSQL for the tests that need it; they skip when it is not set (CI sets it).
+POSTGRES_URL = os.environ.get("PAYLAB_TEST_POSTGRES_URL")
 DEMO_PAN = "4761739001010010"
 DEMO_PIN = "1234"
 
@@ -133,3 +140,23 @@ async def start_network(nursery: trio.Nursery, data_dir: Path, **overrides: Any)
     net = Network(lab_settings(data_dir, **overrides))
     await nursery.start(net.run)
     return net
+
+
+@contextmanager
+def postgres_schema(prefix: str) -> Iterator[str]:
+    """A URL of a PostgreSQL schema of the caller's own, empty at the start and dropped at
+    the end: a test neither sees nor disturbs the tables of other tests on the database."""
+    from shared.db import make_engine
+
+    assert POSTGRES_URL is not None
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(POSTGRES_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    finally:
+        admin.dispose()

@@ -11,7 +11,6 @@ import json
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -22,8 +21,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, func, inspect, select, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, func, inspect, select, update
 
 from gateway.journal import Journal, journal_row
 from gateway.models import Base, JournalEntry, SafEntry
@@ -46,6 +44,7 @@ from shared.db import make_engine, session_factory, transaction, upgrade
 from shared.messages import build_field90, idempotency_key
 from shared.pan import PanHasher, mask_pan
 from shared.vault import Vault
+from tests.support import postgres_schema
 
 MIGRATIONS = "gateway:migrations"
 VERSION_TABLE = "alembic_version_gateway"
@@ -170,18 +169,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/var/gateway.db"
         return
-    assert POSTGRES_URL is not None
-    schema = f"saf_test_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(POSTGRES_URL)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    finally:
-        admin.dispose()
+    with postgres_schema("saf_test") as url:
+        yield url
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,8 +25,7 @@ import httpx
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import func, insert, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import func, insert, select
 
 from billing.demo_data import DEMO_CARDS, DemoCard
 from billing.models import BILL_OPEN, Bill, Customer, Posting
@@ -50,6 +48,7 @@ from tests.support import (
     RawIsoClient,
     admin_headers,
     lab_settings,
+    postgres_schema,
     terminal_builder,
 )
 
@@ -886,18 +885,8 @@ def test_gateway_killed_mid_drain_delivers_the_rest_exactly_once(
 def pg_url() -> Iterator[str]:
     """A PostgreSQL schema of this test's own, empty at the start (dropped at the end): the
     test neither sees nor disturbs the tables of other tests using the same database."""
-    assert POSTGRES_URL is not None
-    schema = f"saf_e2e_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(POSTGRES_URL)
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        url = make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    finally:
-        admin.dispose()
+    with postgres_schema("saf_e2e") as url:
+        yield url
 
 
 @pytest.mark.skipif(not POSTGRES_URL, reason="PAYLAB_TEST_POSTGRES_URL is not set")
