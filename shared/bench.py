@@ -38,7 +38,7 @@ import itertools
 import math
 import os
 import platform
-import socket
+import select
 import subprocess
 import sys
 import tempfile
@@ -158,17 +158,23 @@ async def serve_echo(
     await trio.serve_listeners(_echo_connection, listeners)
 
 
-def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the echo server exited with code {proc.returncode}")
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"echo server not listening on {host}:{port} within {timeout} s")
+async def _serve_echo_and_report(host: str, port: int) -> None:
+    """Serve echo; once listening, print the bound port on stdout (the parent reads it)."""
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(serve_echo, host, port)
+        print(bound, flush=True)
+
+
+def _read_echo_port(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """The port the echo server printed once it was listening (it binds port 0 itself, so
+    no other process can take the port between choosing and binding it)."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else b""
+    if not line.strip().isdigit():
+        code = proc.poll()
+        raise RuntimeError(f"the echo server did not start (exit code {code})")
+    return int(line)
 
 
 # -- seeding ------------------------------------------------------------------------------------
@@ -490,16 +496,15 @@ def run_bench(
             "PAYLAB_TLS_ENABLED": "false",  # the bench's own clients speak plain TCP
         }
         net = ProcessNetwork(settings, ("hsm", "billing", "gateway"), env=env, output=log)
-        echo_port = _free_port(settings.host)
         echo = subprocess.Popen(
-            [sys.executable, "-m", "shared.bench", "echo", settings.host, str(echo_port)],
-            stdout=log,
+            [sys.executable, "-m", "shared.bench", "echo", settings.host, "0"],
+            stdout=subprocess.PIPE,
             stderr=log,
         )
         try:
             progress("starting hsm, billing, gateway (one process each) and the echo server")
             ports = net.start()
-            _wait_port(settings.host, echo_port, echo, 30)
+            echo_port = _read_echo_port(echo, 30)
             pids = {**net.pids(), "echo": echo.pid}
             targets: dict[str, tuple[int, Factory, bool, str]] = {
                 "echo": (
@@ -605,12 +610,6 @@ def _bill_stream(run_id: str) -> Iterator[tuple[str, int]]:
         yield f"{run_id}E-{i % 10_000_000:07d}", BENCH_AMOUNT
 
 
-def _free_port(host: str) -> int:
-    from shared.network import free_port
-
-    return free_port(host)
-
-
 def render(report: dict[str, Any]) -> list[Any]:
     """Rich renderables of ``report``: the phase table, ratios and RSS lines."""
     from rich import box
@@ -669,7 +668,7 @@ def _main(argv: Sequence[str]) -> int:
     """``python -m shared.bench echo HOST PORT``: run the echo server until killed."""
     if len(argv) == 3 and argv[0] == "echo":
         with contextlib.suppress(KeyboardInterrupt):
-            trio.run(serve_echo, argv[1], int(argv[2]))
+            trio.run(_serve_echo_and_report, argv[1], int(argv[2]))
         return 0
     print("usage: python -m shared.bench echo HOST PORT (the benchmark is `paylab bench`)")
     return 2
