@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -24,6 +25,14 @@ from shared.settings import Settings
 KEYS = load_key_file()
 #: PostgreSQL for the tests that need it; they skip when it is not set (CI sets it).
 POSTGRES_URL = os.environ.get("PAYLAB_TEST_POSTGRES_URL")
+#: Parameters of a fixture that runs its tests on SQLite and, when configured, PostgreSQL.
+DATABASE_BACKENDS = [
+    "sqlite",
+    pytest.param(
+        "postgresql",
+        marks=pytest.mark.skipif(not POSTGRES_URL, reason="PAYLAB_TEST_POSTGRES_URL is not set"),
+    ),
+]
 DEMO_PAN = "4761739001010010"
 DEMO_PIN = "1234"
 
@@ -160,3 +169,14 @@ def postgres_schema(prefix: str) -> Iterator[str]:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
     finally:
         admin.dispose()
+
+
+@contextmanager
+def empty_database(backend: str, tmp_path: Path, name: str) -> Iterator[str]:
+    """A URL of an empty database on ``backend`` (a :data:`DATABASE_BACKENDS` value): a
+    SQLite file ``<tmp_path>/var/<name>.db``, or a PostgreSQL schema of the test's own."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path}/var/{name}.db"
+        return
+    with postgres_schema(f"{name}_test") as url:
+        yield url

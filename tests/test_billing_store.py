@@ -3,14 +3,13 @@
 Every test runs against a SQLite file in ``tmp_path``, and again against PostgreSQL when
 ``PAYLAB_TEST_POSTGRES_URL`` is set (e.g.
 ``postgresql+psycopg:///paylab_test?host=/var/run/postgresql``); each PostgreSQL test starts
-from an empty database (all tables dropped, the alembic version table included).
+in a PostgreSQL schema of its own, empty at the start and dropped at the end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -23,7 +22,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, MetaData, inspect, select, text
+from sqlalchemy import Engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from billing.demo_data import DEMO_BILLS, DEMO_CARDS, DEMO_CUSTOMERS
@@ -37,10 +36,10 @@ from billing.store import (
     ReversalResult,
 )
 from shared.db import DatabaseError, make_engine, session_factory, transaction, upgrade
+from tests.support import DATABASE_BACKENDS, empty_database
 
 MIGRATIONS = "billing:migrations"
 VERSION_TABLE = "alembic_version_billing"
-POSTGRES_URL = os.environ.get("PAYLAB_TEST_POSTGRES_URL")
 
 PAN_KEY = b"test pan hashing key"
 PAN = DEMO_CARDS[0].pan  # 4761739001010010, holder of PLN-0001
@@ -105,36 +104,11 @@ def reversal(
 # Fixtures
 
 
-def _drop_everything(engine: Engine) -> None:
-    with engine.begin() as conn:
-        existing = MetaData()
-        existing.reflect(conn)
-        existing.drop_all(conn)
-
-
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=pytest.mark.skipif(
-                not POSTGRES_URL, reason="PAYLAB_TEST_POSTGRES_URL is not set"
-            ),
-        ),
-    ]
-)
+@pytest.fixture(params=DATABASE_BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL of an empty database (no tables at all)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/var/billing.db"
-        return
-    assert POSTGRES_URL is not None
-    engine = make_engine(POSTGRES_URL)
-    try:
-        _drop_everything(engine)
-    finally:
-        engine.dispose()
-    yield POSTGRES_URL
+    """A URL of an empty database (no tables at all): a SQLite file, or a fresh schema."""
+    with empty_database(request.param, tmp_path, "billing") as url:
+        yield url
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ for the test, dropped afterwards), so it neither sees nor disturbs other tests' 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,11 +43,10 @@ from shared.db import make_engine, session_factory, transaction, upgrade
 from shared.messages import build_field90, idempotency_key
 from shared.pan import PanHasher, mask_pan
 from shared.vault import Vault
-from tests.support import postgres_schema
+from tests.support import DATABASE_BACKENDS, empty_database
 
 MIGRATIONS = "gateway:migrations"
 VERSION_TABLE = "alembic_version_gateway"
-POSTGRES_URL = os.environ.get("PAYLAB_TEST_POSTGRES_URL")
 
 PAN = "4761739001010010"
 OTHER_PAN = "4761739001010028"
@@ -153,23 +151,10 @@ def reversal(
 # Fixtures
 
 
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=pytest.mark.skipif(
-                not POSTGRES_URL, reason="PAYLAB_TEST_POSTGRES_URL is not set"
-            ),
-        ),
-    ]
-)
+@pytest.fixture(params=DATABASE_BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A URL of an empty database: a SQLite file, or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/var/gateway.db"
-        return
-    with postgres_schema("saf_test") as url:
+    with empty_database(request.param, tmp_path, "gateway") as url:
         yield url
 
 
