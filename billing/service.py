@@ -1,9 +1,12 @@
 """The biller host: answers bill inquiries, posts payments exactly once, reverses them.
 
-The ISO side is this module; the money rules live in :mod:`billing.store` (one database
-transaction per request, idempotent by the transaction's key). Database work runs in a
-worker thread, one at a time per process: SQLite has one writer anyway, and serialising
-keeps "check the key, post, store the answer" free of races on any database.
+The ISO side is this module; the money rules live in :mod:`billing.store` (idempotent by
+the transaction's key). Database work runs in a worker thread, one call at a time per
+process: SQLite has one writer anyway, and serialising keeps "check the key, post, store
+the answer" free of races on any database. Requests that arrive while that thread is busy
+are batched into its next call (:class:`shared.group_commit.GroupCommit`): the replay checks
+and card lookups of many payments in one read, many postings in one transaction with one
+commit. Each answer still waits for the commit of its own posting.
 
 Business metrics (:class:`shared.metrics.BusinessMetrics`) count each fresh outcome once,
 where it is decided: payments and advices by biller and response code with the approved
@@ -13,19 +16,28 @@ amounts, inquiries, reversals; a replayed answer counts as a replay only.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.models import CARD_ACTIVE, Bill
-from billing.store import BillingStore, PaymentRequest, ReversalRequest
+from billing.store import (
+    BillingStore,
+    CardRef,
+    InquiryResult,
+    PaymentRequest,
+    PaymentResult,
+    ReversalRequest,
+    StoredResponse,
+)
 from hsm.client import HsmClient, HsmCommandFailed, HsmDialect, decode_hsm_keyed
 from hsm.keyfile import KeyFile, load_key_file
 from shared import crypto
 from shared.codes import RC
 from shared.db import DatabaseError, transaction
 from shared.errors import UpstreamError
+from shared.group_commit import GroupCommit
 from shared.messages import (
     MTI_ADVICE,
     MTI_ADVICE_REPEAT,
@@ -95,6 +107,16 @@ class BillingService(IsoService):
         self.hsm = HsmClient(hsm_link, settings.hsm_timeout)
         self.store: BillingStore | None = None
         self.business = BusinessMetrics(self.metrics.registry)
+        # The hot path batches its database work: requests that arrive while the database
+        # thread is busy go together in its next call (one thread hop, one transaction, and
+        # for postings one commit). Each caller still gets its own result, and a posting's
+        # answer is sent only after the commit that made it durable.
+        self._reads: GroupCommit[tuple[str, str, str], tuple[StoredResponse | None, CardRef | None]]
+        self._reads = GroupCommit(self._read_batch)
+        self._inquiries: GroupCommit[str, InquiryResult] = GroupCommit(self._inquiry_batch)
+        self._postings: GroupCommit[PaymentRequest, PaymentResult] = GroupCommit(
+            self._posting_batch
+        )
 
     # -- set-up -------------------------------------------------------------------------------
     def prepare_database(self, sessions: sessionmaker[Session]) -> None:
@@ -108,6 +130,21 @@ class BillingService(IsoService):
         with transaction(sessions, write=False) as session:
             billers = session.scalars(select(Bill.biller).distinct()).all()
         self.business.add_billers(billers)
+
+    # -- batched database calls ---------------------------------------------------------------
+    async def _read_batch(
+        self, items: Sequence[tuple[str, str, str]]
+    ) -> list[tuple[StoredResponse | None, CardRef | None]]:
+        assert self.store is not None
+        return await self.in_db_thread(self.store.replay_and_cards, items)
+
+    async def _inquiry_batch(self, bills: Sequence[str]) -> list[InquiryResult]:
+        assert self.store is not None
+        return await self.in_db_thread(self.store.inquire_many, bills)
+
+    async def _posting_batch(self, requests: Sequence[PaymentRequest]) -> list[PaymentResult]:
+        assert self.store is not None
+        return await self.in_db_thread(self.store.pay_many, requests)
 
     # -- requests -----------------------------------------------------------------------------
     async def dispatch(self, frame: IsoFrame, peer: str) -> Message:
@@ -150,7 +187,7 @@ class BillingService(IsoService):
 
     async def _inquiry(self, msg: Message) -> Message:
         assert self.store is not None
-        res = await self.in_db_thread(self.store.inquire, msg["48"])
+        res = await self._inquiries.submit(msg["48"])
         self.business.inquiries.labels(res.biller or UNKNOWN_BILLER, res.code).inc()
         if res.code != RC.APPROVED:
             return make_response(msg, res.code)
@@ -163,15 +200,12 @@ class BillingService(IsoService):
         )
 
     async def _payment(self, msg: Message) -> Message:
-        store = self.store
-        assert store is not None
         key, digest = idempotency_key(msg), request_digest(msg)
-        stored = await self.in_db_thread(store.replay, key, digest)
+        pan = msg["2"]
+        stored, card = await self._reads.submit((key, digest, self.pan_hash(pan)))
         if stored is not None:
             self.business.replays.labels(_source(msg["t"])).inc()
             return make_response(msg, stored.code, **iso_fields(stored.fields))
-        pan = msg["2"]
-        card = await self.in_db_thread(store.lookup_card, self.pan_hash(pan))
         if card is None:
             return await self._decline(msg, key, digest, RC.NO_SUCH_CARD)
         if card.status != CARD_ACTIVE:
@@ -216,7 +250,7 @@ class BillingService(IsoService):
             pan_masked=mask_pan(pan),
             mti=mti,
         )
-        res = await self.in_db_thread(self.store.pay, req)
+        res = await self._postings.submit(req)
         if res.replayed:
             self.log.info("payment_replayed", rrn=msg["37"], code=res.code)
             self.business.replays.labels(_source(mti)).inc()

@@ -33,7 +33,7 @@ record, ``55`` wrong PIN, ``88`` bill already paid, ``94`` duplicate transmissio
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -315,16 +315,7 @@ class BillingStore:
         """The card with this PAN hash, or None (the handler answers ``14``)."""
         with _infrastructure_errors(), transaction(self._sessions, write=False) as session:
             card = session.scalars(select(Card).where(Card.pan_hash == pan_hash)).one_or_none()
-            if card is None:
-                return None
-            return CardRef(
-                card_id=card.id,
-                customer_id=card.customer_id,
-                pan_masked=card.pan_masked,
-                pvki=card.pvki,
-                pvv=card.pvv,
-                status=card.status,
-            )
+            return None if card is None else _card_ref(card)
 
     def replay(self, idempotency_key: str, request_digest: str) -> StoredResponse | None:
         """What was answered to this key before, if anything.
@@ -337,24 +328,72 @@ class BillingStore:
         with _infrastructure_errors(), transaction(self._sessions, write=False) as session:
             return _seen(session, idempotency_key, request_digest)
 
+    def replay_and_cards(
+        self, items: Sequence[tuple[str, str, str]]
+    ) -> list[tuple[StoredResponse | None, CardRef | None]]:
+        """:meth:`replay` and :meth:`lookup_card` for many payments, in one read transaction.
+
+        ``items`` are ``(idempotency_key, request_digest, pan_hash)``. For each, in order:
+        the stored response as :meth:`replay` gives it, and, when there is none, the card as
+        :meth:`lookup_card` gives it (None for an unknown card). Two queries for the whole
+        batch, whatever its size: this is the read half of a payment on the hot path.
+        """
+        with _infrastructure_errors(), transaction(self._sessions, write=False) as session:
+            keys = {key for key, _, _ in items}
+            rows = {
+                row.idempotency_key: row
+                for row in session.scalars(
+                    select(ProcessedRequest).where(ProcessedRequest.idempotency_key.in_(keys))
+                )
+            }
+            seen = [_seen_row(rows.get(key), key, digest) for key, digest, _ in items]
+            wanted = {h for (_, _, h), s in zip(items, seen, strict=True) if s is None}
+            cards = (
+                {
+                    card.pan_hash: _card_ref(card)
+                    for card in session.scalars(select(Card).where(Card.pan_hash.in_(wanted)))
+                }
+                if wanted
+                else {}
+            )
+            return [
+                (s, None if s is not None else cards.get(h))
+                for (_, _, h), s in zip(items, seen, strict=True)
+            ]
+
     def inquire(self, bill_number: str) -> InquiryResult:
         """``00`` with the amount due for an open bill, ``25`` unknown bill, ``88`` paid.
 
         Not recorded in ``processed_requests``: an inquiry changes nothing.
         """
+        return self.inquire_many([bill_number])[0]
+
+    def inquire_many(self, bill_numbers: Sequence[str]) -> list[InquiryResult]:
+        """:meth:`inquire` for many bills (in order), with one query in one read transaction."""
         with _infrastructure_errors(), transaction(self._sessions, write=False) as session:
-            row = session.execute(
-                select(Bill, Customer.name)
+            rows = session.execute(
+                select(
+                    Bill.bill_number,
+                    Bill.status,
+                    Bill.amount_due,
+                    Bill.currency,
+                    Bill.biller,
+                    Customer.name,
+                )
                 .join(Customer, Customer.id == Bill.customer_id)
-                .where(Bill.bill_number == bill_number)
-            ).one_or_none()
+                .where(Bill.bill_number.in_(set(bill_numbers)))
+            ).all()
+        found = {row[0]: row for row in rows}
+        results = []
+        for number in bill_numbers:
+            row = found.get(number)
             if row is None:
-                return InquiryResult(RC_UNKNOWN_BILL, bill_number, None, None, None, None)
-            bill, customer_name = row
-            code = RC_ALREADY_PAID if bill.status == BILL_PAID else RC_APPROVED
-            return InquiryResult(
-                code, bill_number, bill.amount_due, bill.currency, bill.biller, customer_name
-            )
+                results.append(InquiryResult(RC_UNKNOWN_BILL, number, None, None, None, None))
+                continue
+            _, status, amount_due, currency, biller, customer_name = row
+            code = RC_ALREADY_PAID if status == BILL_PAID else RC_APPROVED
+            results.append(InquiryResult(code, number, amount_due, currency, biller, customer_name))
+        return results
 
     def postings_count(self, bill_number: str | None = None) -> int:
         """Number of postings (posted or reversed), of one bill or of all."""
@@ -390,44 +429,155 @@ class BillingStore:
         approvals against billing's answers shows the mismatch for manual settlement. It is
         never raised.
         """
-        return _retry_on_conflict(lambda: self._pay_once(request))
+        return self.pay_many([request])[0]
 
-    def _pay_once(self, request: PaymentRequest) -> PaymentResult:
-        with transaction(self._sessions, write=True) as session:
-            seen = _seen(session, request.idempotency_key, request.request_digest)
-            if seen is not None:
-                return _payment_result(request, seen.code, seen.fields, replayed=seen.replayed)
+    def pay_many(self, requests: Sequence[PaymentRequest]) -> list[PaymentResult]:
+        """:meth:`pay` for several requests in one transaction: one commit for all (group
+        commit), each request with exactly the rules of :meth:`pay`, applied in order as if
+        one after the other (a second request for the same key in the batch replays the
+        first's outcome; a second payment of the same bill gets ``88``).
 
-            # FOR UPDATE: a concurrent payment of the same bill waits here and then sees it paid.
-            bill = session.get(Bill, request.bill_number, with_for_update=True)
-            fields: dict[str, object] = {
-                "bill_number": request.bill_number,
-                "amount": request.amount,
-                "currency": request.currency,
-            }
-            if bill is None:
-                code = RC_UNKNOWN_BILL
-            else:
-                customer = session.get(Customer, bill.customer_id)
-                fields |= {
-                    "amount_due": bill.amount_due,
-                    "biller": bill.biller,
-                    "customer_name": customer.name if customer is not None else None,
-                }
-                if bill.status == BILL_PAID:
-                    code = RC_ALREADY_PAID
-                elif request.amount != bill.amount_due or request.currency != bill.currency:
-                    code = RC_INVALID_AMOUNT
-                else:
-                    code = RC_APPROVED
-                    fields["posting_id"] = self._post(session, request, bill)
+        The results are returned only once the transaction has committed: an answer never
+        announces a posting that is not durable. If the transaction fails, every request of
+        the batch fails with :class:`~shared.db.DatabaseError` and nothing is posted. A lost
+        unique-key race (another process posting the same key, PostgreSQL) retries the batch,
+        whose replay checks then return the winner's outcome; if it still fails the requests
+        are posted one transaction each, so one contested key cannot fail the others.
+        """
+        if not requests:
+            return []
 
-            record = _Record(request.idempotency_key, request.request_digest, request.mti)
-            stored = _record(session, record, code, fields, self._clock())
-            return _payment_result(request, code, stored, replayed=False)
+        def attempt() -> list[PaymentResult]:
+            with transaction(self._sessions, write=True) as session:
+                return self._pay_in(session, requests)
 
-    def _post(self, session: Session, request: PaymentRequest, bill: Bill) -> int:
+        try:
+            return _retry_on_conflict(attempt)
+        except DatabaseError as exc:
+            if len(requests) == 1 or not isinstance(exc.__cause__, IntegrityError):
+                raise
+        return [self.pay(request) for request in requests]
+
+    def _pay_in(self, session: Session, requests: Sequence[PaymentRequest]) -> list[PaymentResult]:
+        """The rules of :meth:`pay` for a batch, with a constant number of statements.
+
+        Three reads (the keys' records, the bills, their customers), then the postings and
+        bill updates in one flush and the records in a second one: the ORM sends each
+        flush's rows as one multi-row statement, so a batch of a hundred costs little more
+        than a single payment. Decisions are made in order, as if the requests had come one
+        by one: a key first seen in this batch replays for its later copies, and a bill
+        paid by an earlier request of the batch is ``88`` for the later ones.
+        """
         now = self._clock()
+        recorded = {
+            row.idempotency_key: row
+            for row in session.scalars(
+                select(ProcessedRequest).where(
+                    ProcessedRequest.idempotency_key.in_({r.idempotency_key for r in requests})
+                )
+            )
+        }
+        # FOR UPDATE (PostgreSQL): a concurrent payment of the same bill waits here and then
+        # sees it paid. Rows are locked in bill-number order, so two batches cannot deadlock.
+        bills = {
+            bill.bill_number: bill
+            for bill in session.scalars(
+                select(Bill)
+                .where(Bill.bill_number.in_({r.bill_number for r in requests}))
+                .order_by(Bill.bill_number)
+                .with_for_update()
+            )
+        }
+        customer_ids = {bill.customer_id for bill in bills.values()}
+        names = {
+            row.id: row.name
+            for row in session.execute(
+                select(Customer.id, Customer.name).where(Customer.id.in_(customer_ids))
+            )
+        }
+
+        results: list[PaymentResult | None] = [None] * len(requests)
+        fresh: list[tuple[int, str, dict[str, object], Posting | None]] = []
+        first_of_key: dict[str, int] = {}
+        repeats: list[tuple[int, int]] = []
+        for index, request in enumerate(requests):
+            key = request.idempotency_key
+            row = recorded.get(key)
+            if row is not None:
+                seen = _seen_row(row, key, request.request_digest)
+                assert seen is not None
+                results[index] = _payment_result(
+                    request, seen.code, seen.fields, replayed=seen.replayed
+                )
+                continue
+            if key in first_of_key:
+                repeats.append((index, first_of_key[key]))
+                continue
+            first_of_key[key] = index
+            bill = bills.get(request.bill_number)
+            code, fields, posting = self._decide(session, request, bill, names, now)
+            fresh.append((index, code, fields, posting))
+
+        session.flush()  # postings and bill updates: assigns the postings' ids
+        for index, code, fields, posting in fresh:
+            request = requests[index]
+            if posting is not None:
+                fields["posting_id"] = posting.id
+            encoded = _encode(fields)
+            session.add(
+                ProcessedRequest(
+                    idempotency_key=request.idempotency_key,
+                    mti=request.mti,
+                    request_digest=request.request_digest,
+                    response_code=code,
+                    response_json=encoded,
+                    created_at=now,
+                )
+            )
+            results[index] = _payment_result(request, code, _decode(encoded), replayed=False)
+        # Now, so a concurrent duplicate key surfaces inside the transaction, not at commit.
+        session.flush()
+
+        for index, first in repeats:
+            request, original = requests[index], results[first]
+            assert original is not None
+            if request.request_digest == requests[first].request_digest:
+                results[index] = _payment_result(
+                    request, original.code, original.fields, replayed=True
+                )
+            else:
+                results[index] = _payment_result(
+                    request, RC_DUPLICATE, MappingProxyType({}), replayed=False
+                )
+        return [r for r in results if r is not None]
+
+    def _decide(
+        self,
+        session: Session,
+        request: PaymentRequest,
+        bill: Bill | None,
+        names: Mapping[int, str],
+        now: datetime,
+    ) -> tuple[str, dict[str, object], Posting | None]:
+        """The outcome of one new payment request. An approval adds its posting to
+        ``session`` and marks the bill paid (both written at the next flush), so a later
+        request of the batch for the same bill sees it paid."""
+        fields: dict[str, object] = {
+            "bill_number": request.bill_number,
+            "amount": request.amount,
+            "currency": request.currency,
+        }
+        if bill is None:
+            return RC_UNKNOWN_BILL, fields, None
+        fields |= {
+            "amount_due": bill.amount_due,
+            "biller": bill.biller,
+            "customer_name": names.get(bill.customer_id),
+        }
+        if bill.status == BILL_PAID:
+            return RC_ALREADY_PAID, fields, None
+        if request.amount != bill.amount_due or request.currency != bill.currency:
+            return RC_INVALID_AMOUNT, fields, None
         posting = Posting(
             bill_number=bill.bill_number,
             amount=request.amount,
@@ -446,8 +596,7 @@ class BillingStore:
         session.add(posting)
         bill.status = BILL_PAID
         bill.paid_at = now
-        session.flush()  # assigns posting.id; a duplicate key surfaces here as IntegrityError
-        return posting.id
+        return RC_APPROVED, fields, posting
 
     def reverse(self, request: ReversalRequest) -> ReversalResult:
         """Undo the payment recorded under ``request.original_key``, exactly once.
@@ -648,7 +797,11 @@ def _retry_on_conflict(attempt: Callable[[], _T]) -> _T:
 
 
 def _seen(session: Session, key: str, digest: str) -> StoredResponse | None:
-    row = session.get(ProcessedRequest, key)
+    return _seen_row(session.get(ProcessedRequest, key), key, digest)
+
+
+def _seen_row(row: ProcessedRequest | None, key: str, digest: str) -> StoredResponse | None:
+    """The outcome a repeat of ``key`` gets from its ``processed_requests`` row (see replay)."""
     if row is None:
         return None
     if row.request_digest in (digest, REVERSED_BEFORE_POSTING):
@@ -739,6 +892,17 @@ def _reversal_result(
         posting_id=_opt_int(fields, "posting_id"),
         replayed=replayed,
         fields=fields,
+    )
+
+
+def _card_ref(card: Card) -> CardRef:
+    return CardRef(
+        card_id=card.id,
+        customer_id=card.customer_id,
+        pan_masked=card.pan_masked,
+        pvki=card.pvki,
+        pvv=card.pvv,
+        status=card.status,
     )
 
 

@@ -628,3 +628,83 @@ def test_postings_count_and_list(store: BillingStore) -> None:
     assert store.postings_count() == 3
     assert store.postings_count("PLN-1002") == 1
     assert [p.bill_number for p in store.list_postings(limit=2)] == ["PLN-1001", "PLN-1002"]
+
+
+# --------------------------------------------------------------------------------------------
+# Batches (the service's group commit)
+
+
+def test_pay_many_applies_the_rules_in_order_in_one_transaction(
+    engine: Engine, store: BillingStore
+) -> None:
+    first = payment("acq|term0001|000001|1122060000")
+    again = payment("acq|term0001|000001|1122060000")  # same key: replays the first
+    same_bill = payment("acq|term0001|000002|1122060000")  # another key, same bill: 88
+    wrong_amount = payment("acq|term0001|000003|1122060000", "PLN-0002", 1)
+    unknown = payment("acq|term0001|000004|1122060000", "NOPE-0001", 5)
+    other = payment("acq|term0001|000005|1122060000", "PLN-0002", 275_050)
+    results = store.pay_many([first, again, same_bill, wrong_amount, unknown, other])
+    assert [r.code for r in results] == ["00", "00", "88", "13", "25", "00"]
+    assert [r.replayed for r in results] == [False, True, False, False, False, False]
+    assert results[1].posting_id == results[0].posting_id
+    assert store.postings_count() == 2
+    # Each outcome is recorded as if the requests had come one by one.
+    for request, result in zip(
+        [first, same_bill, wrong_amount, unknown, other],
+        [results[i] for i in (0, 2, 3, 4, 5)],
+        strict=True,
+    ):
+        assert store.pay(request) == replace(result, replayed=True)
+    assert store.pay_many([]) == []
+
+
+def test_pay_many_posts_nothing_when_the_transaction_fails(engine: Engine) -> None:
+    store = BillingStore(session_factory(engine))
+    store.seed_demo_data(pan_hash, fake_pvv)
+    requests = [payment(f"acq|term0001|{n:06d}|1122060000", f"PLN-000{n}") for n in (1, 2)]
+    requests[1] = replace(requests[1], amount=275_050)
+    with engine.begin() as conn:  # the batch's last write fails: a table gone away
+        conn.execute(text("ALTER TABLE processed_requests RENAME TO processed_away"))
+    try:
+        with pytest.raises(DatabaseError):
+            store.pay_many(requests)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE processed_away RENAME TO processed_requests"))
+    assert store.postings_count() == 0
+    assert [r.code for r in store.pay_many(requests)] == ["00", "00"]
+
+
+def test_replay_and_cards_in_one_read(engine: Engine, store: BillingStore) -> None:
+    done = store.pay(payment())
+    blocked_pan = DEMO_CARDS[1].pan
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE cards SET status = 'blocked' WHERE pan_hash = :h"),
+            {"h": pan_hash(blocked_pan)},
+        )
+    items = [
+        (payment().idempotency_key, payment().request_digest, pan_hash(PAN)),  # seen
+        (payment().idempotency_key, "another digest", pan_hash(PAN)),  # seen, other content
+        ("acq|term0001|000009|1122060000", "d", pan_hash(PAN)),  # new, known card
+        ("acq|term0001|000010|1122060000", "d", pan_hash(blocked_pan)),  # new, blocked card
+        ("acq|term0001|000011|1122060000", "d", pan_hash("4000000000000002")),  # unknown card
+    ]
+    out = store.replay_and_cards(items)
+    assert out[0][0] is not None and out[0][0].replayed and out[0][1] is None
+    assert out[0][0].fields["posting_id"] == done.posting_id
+    assert out[1][0] is not None and out[1][0].code == "94" and out[1][1] is None
+    assert out[2][0] is None and out[2][1] == store.lookup_card(pan_hash(PAN))
+    assert out[3][0] is None and out[3][1] is not None and out[3][1].status != "active"
+    assert out[4] == (None, None)
+    assert store.replay_and_cards([]) == []
+
+
+def test_inquire_many_keeps_order_and_repeats(store: BillingStore) -> None:
+    store.pay(payment())
+    numbers = ["PLN-0002", "PLN-0001", "NOPE-0001", "PLN-0002"]
+    results = store.inquire_many(numbers)
+    assert [r.bill_number for r in results] == numbers
+    assert [r.code for r in results] == ["00", "88", "25", "00"]
+    assert results[0] == store.inquire("PLN-0002")
+    assert results[0].customer_name == "Siti Rahayu"
