@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import ssl
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -20,6 +20,7 @@ import trio
 
 from shared.errors import FramingError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from shared.framing import DEFAULT_MAX_FRAME, FrameParser, HeaderKind, encode_frame
+from shared.group_commit import GroupCommit
 from shared.metrics import ServiceMetrics
 from shared.ratelimit import ConnectionLimiter
 
@@ -176,7 +177,7 @@ class FramedServer:
 
     async def _serve_accepted(self, stream: trio.abc.Stream, peer: str) -> None:
         parser = FrameParser(self._kind, self._max_frame)
-        send_lock = trio.Lock()
+        sender = frame_sender(stream)
         slots = trio.Semaphore(self._max_in_flight)
         self._metrics.connections.inc()
         try:
@@ -184,7 +185,7 @@ class FramedServer:
                 with trio.CancelScope() as reader:
                     self._reader_scopes.add(reader)
                     try:
-                        await self._read_loop(stream, peer, parser, nursery, send_lock, slots)
+                        await self._read_loop(stream, peer, parser, nursery, sender, slots)
                     finally:
                         self._reader_scopes.discard(reader)
         finally:
@@ -198,7 +199,7 @@ class FramedServer:
         peer: str,
         parser: FrameParser,
         nursery: trio.Nursery,
-        send_lock: trio.Lock,
+        sender: FrameSender,
         slots: trio.Semaphore,
     ) -> None:
         last_data = trio.current_time()
@@ -244,7 +245,7 @@ class FramedServer:
                 if not frame:
                     continue  # a zero-length frame: a keep-alive, nothing to answer
                 await slots.acquire()
-                nursery.start_soon(self._handle_one, stream, peer, frame, send_lock, slots)
+                nursery.start_soon(self._handle_one, peer, frame, sender, slots)
             if served:  # the rest (if any) is the start of the next frame: its clock starts
                 frame_started = trio.current_time() if parser.buffered else None
 
@@ -262,10 +263,9 @@ class FramedServer:
 
     async def _handle_one(
         self,
-        stream: trio.abc.Stream,
         peer: str,
         frame: bytes,
-        send_lock: trio.Lock,
+        sender: FrameSender,
         slots: trio.Semaphore,
     ) -> None:
         try:
@@ -283,11 +283,39 @@ class FramedServer:
                 self._log.error("response_too_large", listener=self.name, size=len(response))
                 return
             # If the peer went away, its answer has nowhere to go: nothing to do.
-            async with send_lock:
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await stream.send_all(out)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await sender.submit(out)
         finally:
             slots.release()
+
+
+#: Seconds a send may wait for a peer that does not read before its connection is closed.
+SEND_TIMEOUT = 10.0
+
+#: Sends whole frames on one stream (see :func:`frame_sender`).
+FrameSender = GroupCommit[bytes, None]
+
+
+def frame_sender(stream: trio.abc.Stream) -> FrameSender:
+    """Sends frames on ``stream``, one writer at a time: frames handed in while a send is
+    in progress go out together in the next one. Under load that is one system call (and
+    one TLS record) for many frames; an idle connection sends at once, as before. A send,
+    once started, is finished even if its caller is cancelled, so a frame is never cut
+    in half on the wire; a peer that stops reading for :data:`SEND_TIMEOUT` seconds gets its
+    connection closed. Errors of the stream (broken, closed) reach every caller whose frame
+    was in the failed send."""
+
+    async def write(frames: Sequence[bytes]) -> list[None]:
+        with trio.move_on_after(SEND_TIMEOUT) as waited:
+            await stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+        if waited.cancelled_caught:
+            # The peer stopped reading. Part of a frame may be out, so the byte stream is
+            # unusable: close it (its reader ends too) rather than block forever.
+            await trio.aclose_forcefully(stream)
+            raise trio.BrokenResourceError(f"send stalled for {SEND_TIMEOUT:g} s; closed")
+        return [None] * len(frames)
+
+    return GroupCommit(write, max_batch=256)
 
 
 @dataclass(slots=True)
@@ -324,7 +352,7 @@ class MultiplexedConnection(Generic[T]):
         self._max_frame = max_frame
         self._on_unmatched = on_unmatched
         self._pending: dict[Hashable, _Waiter] = {}
-        self._send_lock = trio.Lock()
+        self._sender = frame_sender(stream)
         self.closed = False
         #: Set once the connection has ended (peer closed, broken, or closed by us).
         self.closed_event = trio.Event()
@@ -392,8 +420,7 @@ class MultiplexedConnection(Generic[T]):
         frame = encode_frame(payload, self._kind, self._max_frame)
         try:
             try:
-                async with self._send_lock:
-                    await self._stream.send_all(frame)
+                await self._sender.submit(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self.closed = True
                 raise UpstreamUnavailable("connection broke while sending", sent=True) from exc
