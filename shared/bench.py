@@ -399,7 +399,13 @@ async def drive(
             slot = _Slot()
             conn.pending[key] = slot
             t0 = clock()
-            conn.send_in.send_nowait(frame)
+            try:
+                conn.send_in.send_nowait(frame)
+            except trio.BrokenResourceError:
+                # The connection's sender has ended: the phase is over (a worker woken by
+                # an answer in the same tick as the end-of-phase cancel gets here), or the
+                # connection broke, which the sender or receiver reports itself.
+                return
             with trio.move_on_after(timeout):
                 await slot.event.wait()
             t1 = clock()
@@ -558,7 +564,8 @@ def run_bench(
                     while isinstance(leaf, BaseExceptionGroup):
                         leaf = leaf.exceptions[0]
                     if isinstance(leaf, trio.BrokenResourceError | trio.ClosedResourceError):
-                        raise RuntimeError(f"connection lost during {name}: {leaf}") from exc
+                        cause = leaf.__cause__ or leaf
+                        raise RuntimeError(f"connection lost during {name}: {cause!r}") from exc
                     raise
                 phases.append(result)
                 dead = net.dead()

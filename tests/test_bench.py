@@ -80,12 +80,6 @@ def test_one_encode_builder_sends_what_codec_encodes() -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.skipif(
-    os.environ.get("CI") == "true",
-    reason="known intermittent failure (about 1 run in 4): a bench client connection to a "
-    "service process is occasionally lost mid-phase; cause not found yet "
-    "(docs/performance.md, 'Known problems'). Runs outside CI.",
-)
 def test_bench_smoke_json(tmp_path: Path) -> None:
     """Every phase answers, nothing fails, and the report parses."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("PAYLAB_")}
