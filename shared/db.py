@@ -38,7 +38,7 @@ from alembic.config import Config
 from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import PaylabError
@@ -49,6 +49,7 @@ __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",
     "WRITE_EXECUTION_OPTIONS",
     "DatabaseError",
+    "DatabaseFault",
     "is_sqlite",
     "make_engine",
     "session_factory",
@@ -266,3 +267,37 @@ def _sqlite_check_foreign_keys(connection: Connection) -> None:
     violations = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
     if violations:
         raise DatabaseError(f"migration left foreign key violations: {violations[:10]}")
+
+
+class DatabaseFault:
+    """A switch that makes an engine's database unavailable, for fault injection.
+
+    :meth:`attach` hooks ``before_cursor_execute`` of an engine: while :attr:`down`, every
+    statement (``BEGIN`` included) raises :class:`sqlalchemy.exc.OperationalError`
+    ("injected fault: database unavailable"), exactly what a lost database gives, so every
+    code path meets a real failure. Switching back up needs no restart: the next statement
+    runs normally. See ``docs/chaos.md``.
+    """
+
+    MESSAGE: Final = "injected fault: database unavailable"
+
+    def __init__(self) -> None:
+        self.down = False
+        #: Statements refused while down.
+        self.refused = 0
+
+    def attach(self, engine: Engine) -> None:
+        event.listen(engine, "before_cursor_execute", self._before_cursor_execute)
+
+    def set_down(self, down: bool) -> None:
+        self.down = down
+
+    def view(self) -> dict[str, Any]:
+        return {"down": self.down, "refused": self.refused}
+
+    def _before_cursor_execute(
+        self, _conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any
+    ) -> None:
+        if self.down:
+            self.refused += 1
+            raise OperationalError(statement, parameters, ConnectionError(self.MESSAGE))

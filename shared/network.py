@@ -13,13 +13,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import trio
 
 from hsm.keyfile import KeyFile, load_key_file
 from shared.service import Ports, Service
 from shared.settings import SERVICES, Settings
+
+if TYPE_CHECKING:
+    from shared.chaos import ChaosController
 
 START_ORDER = ("hsm", "billing", "gateway", "acquirer")
 
@@ -51,9 +54,16 @@ class Network:
 
     Services are built as their upstreams come up, so each is pointed at the port its
     upstream really got: the network works on fixed ports and on ephemeral ones (0).
+
+    With ``chaos=True`` a :class:`shared.chaos.ChaosProxy` is started in front of the ISO
+    port of the gateway, billing and the HSM as each comes up, and the services after it
+    are pointed at the proxy; the :class:`shared.chaos.ChaosController` (:attr:`chaos`)
+    serves its HTTP API on ``settings.chaos_http_port`` (:attr:`chaos_port`).
     """
 
-    def __init__(self, settings: Settings, names: Sequence[str] = START_ORDER) -> None:
+    def __init__(
+        self, settings: Settings, names: Sequence[str] = START_ORDER, *, chaos: bool = False
+    ) -> None:
         unknown = set(names) - set(SERVICES)
         if unknown:
             raise ValueError(f"unknown service(s): {', '.join(sorted(unknown))}")
@@ -62,6 +72,12 @@ class Network:
         self.keys = load_key_file(settings.key_file)
         self.services: dict[str, Service] = {}
         self.ports: dict[str, Ports] = {}
+        self.chaos: ChaosController | None = None
+        self.chaos_port: int | None = None
+        if chaos:
+            from shared.chaos import ChaosController
+
+            self.chaos = ChaosController(settings)
 
     async def run(
         self, *, task_status: trio.TaskStatus[dict[str, Ports]] = trio.TASK_STATUS_IGNORED
@@ -69,20 +85,42 @@ class Network:
         """Start every service; report their ports; return once all have stopped."""
         settings = self.settings
         async with trio.open_nursery() as nursery:
+            if self.chaos is not None:
+                self.chaos_port = await nursery.start(self.chaos.run)
             for name in self.names:
                 svc = make_service(name, settings, self.keys)
                 self.services[name] = svc
                 ports: Ports = await nursery.start(svc.run)
                 self.ports[name] = ports
-                settings = settings.model_copy(
-                    update={f"{name}_address": f"{settings.host}:{ports.iso}"}
-                )
+                address = f"{settings.host}:{ports.iso}"
+                if self.chaos is not None:
+                    address = await self._chaos_link(nursery, name, svc, settings.host, ports)
+                settings = settings.model_copy(update={f"{name}_address": address})
             task_status.started(dict(self.ports))
 
+    async def _chaos_link(
+        self, nursery: trio.Nursery, name: str, svc: Service, host: str, ports: Ports
+    ) -> str:
+        """Register ``svc`` with the chaos controller; the address its clients should use
+        (its proxy's for a proxied link, else its own)."""
+        from shared.chaos import LINKS
+
+        assert self.chaos is not None
+        self.chaos.iso_targets[name] = (host, ports.iso)
+        if svc.migrations is not None:
+            self.chaos.databases[name] = svc.db_fault
+        if name not in LINKS:
+            return f"{host}:{ports.iso}"
+        proxy = self.chaos.proxy(name, (host, ports.iso))
+        port = await nursery.start(proxy.run)
+        return f"{host}:{port}"
+
     async def stop(self) -> None:
-        """Drain and stop, acquirer first."""
+        """Drain and stop, acquirer first; then the chaos proxies and controller."""
         for svc in reversed(list(self.services.values())):
             await svc.stop()
+        if self.chaos is not None:
+            await self.chaos.close()
 
 
 async def run_until_signal(

@@ -26,8 +26,9 @@ from shared.admin import health_score, link_routes
 from shared.auth import default_tokens_in_use
 from shared.backoff import Backoff
 from shared.breaker import BreakerConfig
+from shared.chaos import fault_routes
 from shared.codes import RC
-from shared.db import make_engine, session_factory, upgrade
+from shared.db import DatabaseFault, make_engine, session_factory, upgrade
 from shared.errors import DecodeError, ValidationError
 from shared.http import HealthCheck, serve_http, service_app
 from shared.iso_link import IsoDialect, IsoFrame, decode_iso_keyed
@@ -97,6 +98,8 @@ class Service:
         self.client_ssl = client_context(settings, self.name)
         self.engine: Engine | None = None
         self.sessions: sessionmaker[Session] | None = None
+        #: Injected database unavailability (``POST /faults/database``, ``paylab chaos``).
+        self.db_fault = DatabaseFault()
         # One database call at a time per service: SQLite has a single writer anyway, and
         # serialising keeps read-check-write sequences free of races on any backend.
         self._db_limiter = trio.CapacityLimiter(1)
@@ -127,6 +130,7 @@ class Service:
     def _open_database(self, migrations: str) -> None:
         self.engine = make_engine(self.settings.db_url(self.name))
         upgrade(self.engine, migrations)
+        self.db_fault.attach(self.engine)
         self.sessions = session_factory(self.engine)
         self.prepare_database(self.sessions)
 
@@ -233,6 +237,8 @@ class Service:
                 await nursery.start(link.run)
             iso_port = await nursery.start(self._run_server)
             routes = [*link_routes(self.links, self.log), *self.routes()]
+            if self.migrations is not None:
+                routes += fault_routes(self.db_fault, self.log)
             app = service_app(
                 self.name,
                 self.metrics,

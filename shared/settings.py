@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     gateway_iso_port: int = Field(9081, ge=0, le=65535, description="Gateway ISO-8583 listener.")
     billing_iso_port: int = Field(9082, ge=0, le=65535, description="Billing ISO-8583 listener.")
     hsm_iso_port: int = Field(9083, ge=0, le=65535, description="HSM command listener.")
+    chaos_http_port: int = Field(
+        8084,
+        ge=0,
+        le=65535,
+        description="HTTP port of the fault-injection controller (paylab up --chaos).",
+    )
 
     # -- upstream addresses (a service's peers; default: this host and the ports above) ---
     gateway_address: str | None = Field(

@@ -52,6 +52,7 @@ def lab_settings(data_dir: Path, **overrides: Any) -> Settings:
     for svc in ("acquirer", "gateway", "billing", "hsm"):
         values[f"{svc}_http_port"] = 0
         values[f"{svc}_iso_port"] = 0
+    values["chaos_http_port"] = 0
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
