@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from shared.errors import PaylabError
+from shared.scenario_cli import scenarios_app
 from shared.settings import SERVICES, Settings, load_settings
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ breaker_app = typer.Typer(help="Circuit breakers of the gateway's upstreams.", n
 app.add_typer(breaker_app, name="breaker")
 saf_app = typer.Typer(help="The gateway's store-and-forward queue.", no_args_is_help=True)
 app.add_typer(saf_app, name="saf")
+app.add_typer(scenarios_app, name="scenarios")
 
 
 class _Console(Console):
@@ -81,7 +83,7 @@ def _settings(data_dir: Path | None = None) -> Settings:
         raise  # unreachable
 
 
-def _run_network(names: tuple[str, ...], data_dir: Path | None) -> None:
+def _run_network(names: tuple[str, ...], data_dir: Path | None, chaos: bool = False) -> None:
     import trio
 
     from shared.log import configure_logging
@@ -98,6 +100,10 @@ def _run_network(names: tuple[str, ...], data_dir: Path | None) -> None:
         for name, p in ports.items():
             table.add_row(name, f"http://{settings.host}:{p.http}", f"{settings.host}:{p.iso}")
         err.print(table)
+        if network.chaos is not None:
+            from shared.chaos_cli import show_chaos_start
+
+            show_chaos_start(network, settings.host)
         if "acquirer" in ports:
             err.print("Make a first payment from another terminal, in this folder:")
             err.print(
@@ -106,7 +112,7 @@ def _run_network(names: tuple[str, ...], data_dir: Path | None) -> None:
         err.print("Ctrl-C stops the network (in-flight requests are answered first).")
 
     try:
-        network = Network(settings, names)
+        network = Network(settings, names, chaos=chaos)
         trio.run(run_until_signal, network, started)
     except* (OSError, PaylabError) as group:
         exc: BaseException = group.exceptions[0]
@@ -136,6 +142,10 @@ def up(
         bool,
         typer.Option("--processes", help="Run each service in its own process (uses every core)."),
     ] = False,
+    chaos: Annotated[
+        bool,
+        typer.Option("--chaos", help="Put fault-injection proxies between the services."),
+    ] = False,
 ) -> None:
     """Start all four services in one process (SQLite under ./var by default).
 
@@ -143,9 +153,11 @@ def up(
     order (each healthy before the next) and stopped in reverse order on Ctrl-C/SIGTERM.
     """
     if processes:
+        if chaos:
+            fail("--chaos runs in one process only; drop --processes (see docs/chaos.md)")
         _run_processes(data_dir)
         return
-    _run_network(("hsm", "billing", "gateway", "acquirer"), data_dir)
+    _run_network(("hsm", "billing", "gateway", "acquirer"), data_dir, chaos)
 
 
 def _run_processes(data_dir: Path | None) -> None:
@@ -682,6 +694,20 @@ def config() -> None:
         shown = "(secret)" if "key" in name and name != "key_file" else str(value)
         table.add_row(f"PAYLAB_{name.upper()}", shown, field.description or "")
     out.print(table)
+
+
+from shared.demo import demo  # noqa: E402  (registered last: they use the helpers above)
+from shared.top_cli import top  # noqa: E402
+
+app.command("top")(top)
+app.command("demo")(demo)
+
+from shared.chaos_cli import chaos_app  # noqa: E402  (uses the helpers above)
+
+app.add_typer(chaos_app, name="chaos")
+from shared.lab_cli import lab_app  # noqa: E402
+
+app.add_typer(lab_app, name="lab")
 
 
 def main() -> None:
