@@ -95,6 +95,9 @@ DEMO_CARDS: Final[tuple[DemoCard, ...]] = (
     DemoCard("5204730012345679", "2468", "Dewi Lestari"),
 )
 
+#: The card the CLI, the benchmarks and the scenarios pay with by default.
+DEMO_CARD: Final[DemoCard] = DEMO_CARDS[0]
+
 #: ``(bill_number, customer, biller, amount_due, status)`` of every demo bill.
 DEMO_BILLS: Final[tuple[DemoBill, ...]] = (
     DemoBill("PLN-0001", "Budi Santoso", "PLN", 150_000, "open"),

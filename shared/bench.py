@@ -52,13 +52,14 @@ from typing import Any
 import trio
 
 from acquirer.builder import RequestBuilder, Terminal
+from billing.demo_data import DEMO_CARD
 from shared import codec, crypto
 from shared.framing import FrameParser, encode_frame
 from shared.messages import Message
 from shared.settings import Settings
 
 #: The card every benchmark payment uses (the first demo card: PAN, PIN, holder).
-BENCH_CARD = ("4761739001010010", "1234", "Budi Santoso")
+BENCH_CARD = (DEMO_CARD.pan, DEMO_CARD.pin, DEMO_CARD.name)
 #: Amount of every seeded bill, in minor units.
 BENCH_AMOUNT = 10_000
 

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from billing.demo_data import DEMO_CARD
 from shared.errors import PaylabError
 from shared.scenario_cli import scenarios_app
 from shared.settings import SERVICES, Settings, load_settings
@@ -54,8 +55,7 @@ class _Console(Console):
 out = _Console()
 err = _Console(stderr=True)
 
-DEMO_PAN = "4761739001010010"
-DEMO_PIN = "1234"
+DEMO_PAN, DEMO_PIN = DEMO_CARD.pan, DEMO_CARD.pin
 
 DataDir = Annotated[
     Path | None, typer.Option("--data-dir", help="Where the SQLite files go (default ./var).")

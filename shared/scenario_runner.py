@@ -30,6 +30,7 @@ import httpx
 import trio
 
 from acquirer.builder import RequestBuilder, Terminal
+from billing.demo_data import DEMO_CARD
 from hsm.keyfile import load_key_file
 from shared import codec
 from shared.errors import PaylabError
@@ -67,8 +68,7 @@ from shared.scenario import (
 from shared.settings import Settings
 
 #: The card every generated bill's payment uses by default (its holder owns the bills).
-DEMO_PAN = "4761739001010010"
-DEMO_PIN = "1234"
+DEMO_PAN, DEMO_PIN = DEMO_CARD.pan, DEMO_CARD.pin
 
 #: Lab defaults of a self-started network; a scenario's ``settings`` go on top.
 LAB_DEFAULTS: dict[str, Any] = {
