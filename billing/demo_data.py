@@ -98,6 +98,16 @@ DEMO_CARDS: Final[tuple[DemoCard, ...]] = (
 #: The card the CLI, the benchmarks and the scenarios pay with by default.
 DEMO_CARD: Final[DemoCard] = DEMO_CARDS[0]
 
+#: Amount (minor units) of every generated bill (``paylab bills add``, benchmarks, demo):
+#: each belongs to :data:`DEMO_CARD`'s holder and is numbered ``<prefix>-<7 digits>``.
+GENERATED_BILL_AMOUNT: Final = 10_000
+
+
+def generated_bill_number(prefix: str, index: int) -> str:
+    """The number of generated bill ``index`` of ``prefix`` (``LOAD-0000042``)."""
+    return f"{prefix}-{index:07d}"
+
+
 #: ``(bill_number, customer, biller, amount_due, status)`` of every demo bill.
 DEMO_BILLS: Final[tuple[DemoBill, ...]] = (
     DemoBill("PLN-0001", "Budi Santoso", "PLN", 150_000, "open"),

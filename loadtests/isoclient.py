@@ -19,15 +19,23 @@ Contracts:
 from __future__ import annotations
 
 import contextlib
+import random
 import secrets
 import socket
 import time
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Final
 
 from acquirer.builder import RequestBuilder, StanCounter, Terminal
-from billing.demo_data import DEMO_BILLS, DEMO_CARDS, DemoCard
+from billing.demo_data import (
+    DEMO_BILLS,
+    DEMO_CARD,
+    DEMO_CARDS,
+    GENERATED_BILL_AMOUNT,
+    DemoCard,
+    generated_bill_number,
+)
 from hsm.keyfile import load_key_file
 from shared import codec
 from shared.codes import describe
@@ -42,11 +50,14 @@ __all__ = [
     "ConnectionClosed",
     "IsoConnection",
     "NoAnswer",
+    "PayableBill",
     "UnexpectedResponse",
+    "bill_picker",
     "card_for",
     "check_code",
     "load_terminal",
     "new_terminal_id",
+    "parse_bills",
     "parse_target",
 ]
 
@@ -132,6 +143,52 @@ def load_terminal(terminal_id: str) -> RequestBuilder:
 def card_for(customer: str) -> DemoCard:
     """The demo card of a demo customer (each customer holds exactly one)."""
     return _CARDS_BY_CUSTOMER[customer]
+
+
+@dataclass(frozen=True, slots=True)
+class PayableBill:
+    """A bill to pay, its amount due, and the card of its holder."""
+
+    bill_number: str
+    amount_due: int
+    card: DemoCard = field(repr=False)
+
+
+def parse_bills(spec: str | None) -> tuple[str, int] | None:
+    """``PAYLAB_LOAD_BILLS`` (``<prefix>:<count>``, as ``paylab bills add`` prints it) as
+    ``(prefix, count)``; None when unset or empty. Raises ``ValueError`` when malformed."""
+    if not spec:
+        return None
+    prefix, sep, count = spec.partition(":")
+    if not sep or not prefix or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"PAYLAB_LOAD_BILLS must look like LOAD:10000, not {spec!r}")
+    return prefix, int(count)
+
+
+def bill_picker(spec: str | None, rng: random.Random | None = None) -> Callable[[], PayableBill]:
+    """A function giving a random bill to pay each call.
+
+    With ``spec`` (see :func:`parse_bills`) the bills are the generated ones of ``paylab
+    bills add``: many open bills, so payments keep being approved until most are paid.
+    Without it, the open demo bills: under load they are soon all paid and payments answer
+    ``88`` (an expected outcome, not a failure).
+    """
+    pick = rng or random.Random()
+    parsed = parse_bills(spec)
+    if parsed is None:
+
+        def demo() -> PayableBill:
+            bill = pick.choice(OPEN_BILLS)
+            return PayableBill(bill.bill_number, bill.amount_due, card_for(bill.customer))
+
+        return demo
+    prefix, count = parsed
+
+    def generated() -> PayableBill:
+        number = generated_bill_number(prefix, pick.randrange(count))
+        return PayableBill(number, GENERATED_BILL_AMOUNT, DEMO_CARD)
+
+    return generated
 
 
 def check_code(

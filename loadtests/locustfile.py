@@ -23,10 +23,12 @@ Scenarios of the terminal, by weight (70/20/10):
   block: 30), 2 undecodable frame (no answer within 0.5 s by design, then an 0800 echo on
   the same connection must answer 00).
 
-Bills: billing seeds 24 open demo bills and no API creates more, so under load most are paid
-and a payment's ``88`` (bill already paid) is an expected outcome, not a failure; the
-reversal scenario reopens the bills it reverses, so ``00`` payments keep happening at about
-the reversal rate. Response codes seen are tallied per request name and printed at the end.
+Bills: by default the 24 open demo bills. Under load they are soon all paid, and from then
+on payments answer ``88`` (bill already paid): an expected outcome, not a failure (a
+reversal reopens only a bill its own payment had just paid). For approvals throughout a
+run, add generated bills first (``paylab bills add 20000``) and set the variable it prints,
+``PAYLAB_LOAD_BILLS=LOAD:20000``: each payment then picks a random one of them. Response
+codes seen are tallied per request name and printed at the end.
 
 Every message type of every scenario is reported to locust (``events.request``) under its own
 name, e.g. ``0200 payment [normal]``, with the time to the answer and the answer's length; a
@@ -53,12 +55,11 @@ if _ROOT not in sys.path:  # locust puts loadtests/ on sys.path, the project nee
     sys.path.insert(0, _ROOT)
 
 from loadtests.isoclient import (  # noqa: E402
-    OPEN_BILLS,
     Answer,
     IsoConnection,
     NoAnswer,
     UnexpectedResponse,
-    card_for,
+    bill_picker,
     check_code,
     load_terminal,
     new_terminal_id,
@@ -72,6 +73,10 @@ from shared.messages import (  # noqa: E402
     StanCounter,
     network_request,
 )
+
+#: Bills to pay: the generated ones of ``paylab bills add`` when PAYLAB_LOAD_BILLS is set
+#: (``LOAD:10000``), else the open demo bills.
+pick_bill = bill_picker(os.environ.get("PAYLAB_LOAD_BILLS"))
 
 #: How long a terminal waits for one answer (the gateway answers within gateway_timeout).
 ANSWER_TIMEOUT = float(os.environ.get("PAYLAB_LOAD_ANSWER_TIMEOUT", "10"))
@@ -96,7 +101,7 @@ def _add_options(parser: Any, **_kwargs: Any) -> None:
     )
 
 
-@events.quitting.add_listener
+@events.test_stop.add_listener
 def _print_codes(environment: Environment, **_kwargs: Any) -> None:
     """Response codes per request name, for the run's log (expected declines included)."""
     if not CODES:
@@ -183,8 +188,8 @@ class IsoTerminalUser(User):
     # -- scenarios -------------------------------------------------------------------------
     def _pay_random_bill(self, scenario: str) -> tuple[dict[str, str], str]:
         """Pay an open-at-seed demo bill with its customer's card: (payment, 00 or 88)."""
-        bill = random.choice(OPEN_BILLS)
-        card = card_for(bill.customer)
+        bill = pick_bill()
+        card = bill.card
         msg = self.builder.payment(bill.bill_number, bill.amount_due, card.pan, card.pin)
         code = self._exchange(f"0200 payment [{scenario}]", msg, MTI_FINANCIAL_RESP, ("00", "88"))
         return msg, code
@@ -193,8 +198,8 @@ class IsoTerminalUser(User):
     def normal_flow(self) -> None:
         """Inquiry (00 open / 88 paid), then the payment (00, or 88 if paid meanwhile)."""
         with suppress(_Stop):
-            bill = random.choice(OPEN_BILLS)
-            card = card_for(bill.customer)
+            bill = pick_bill()
+            card = bill.card
             inquiry = self.builder.inquiry(bill.bill_number)
             self._exchange("0200 inquiry [normal]", inquiry, MTI_FINANCIAL_RESP, ("00", "88"))
             pay = self.builder.payment(bill.bill_number, bill.amount_due, card.pan, card.pin)
@@ -205,8 +210,8 @@ class IsoTerminalUser(User):
         """A payment re-sent after a deliberate client timeout: the answers must agree."""
         name = "0200 payment x2 [duplicate]"
         with suppress(_Stop):
-            bill = random.choice(OPEN_BILLS)
-            card = card_for(bill.customer)
+            bill = pick_bill()
+            card = bill.card
             msg = self.builder.payment(bill.bill_number, bill.amount_due, card.pan, card.pin)
             with self._measure(name) as length:
                 payload = self.conn.send(msg)
@@ -245,8 +250,8 @@ class IsoTerminalUser(User):
     @task(3)
     def error_wrong_pin(self) -> None:
         """A payment with a wrong PIN: 55 (billing checks the PIN before the bill)."""
-        bill = random.choice(OPEN_BILLS)
-        card = card_for(bill.customer)
+        bill = pick_bill()
+        card = bill.card
         wrong = next(p for p in ("9999", "1111", "0001") if p != card.pin)
         with suppress(_Stop):
             msg = self.builder.payment(bill.bill_number, bill.amount_due, card.pan, wrong)
@@ -255,8 +260,8 @@ class IsoTerminalUser(User):
     @task(2)
     def error_invalid_message(self) -> None:
         """A decodable but invalid request (payment without its PIN block, MACed): 30."""
-        bill = random.choice(OPEN_BILLS)
-        card = card_for(bill.customer)
+        bill = pick_bill()
+        card = bill.card
         msg = self.builder.payment(bill.bill_number, bill.amount_due, card.pan, card.pin)
         del msg["52"]
         self.builder.sign(msg)  # a valid MAC over the invalid content
@@ -322,8 +327,8 @@ class AcquirerApiUser(FastHttpUser):
 
     @task(9)
     def inquiry_then_payment(self) -> None:
-        bill = random.choice(OPEN_BILLS)
-        card = card_for(bill.customer)
+        bill = pick_bill()
+        card = bill.card
         self._post("/inquiries", "POST /inquiries", {"bill": bill.bill_number}, ("00", "88"))
         body = {
             "bill": bill.bill_number,

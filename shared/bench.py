@@ -52,7 +52,7 @@ from typing import Any
 import trio
 
 from acquirer.builder import RequestBuilder, Terminal
-from billing.demo_data import DEMO_CARD
+from billing.demo_data import DEMO_CARD, GENERATED_BILL_AMOUNT, generated_bill_number
 from shared import codec, crypto
 from shared.framing import FrameParser, encode_frame
 from shared.messages import Message
@@ -61,7 +61,7 @@ from shared.settings import Settings
 #: The card every benchmark payment uses (the first demo card: PAN, PIN, holder).
 BENCH_CARD = (DEMO_CARD.pan, DEMO_CARD.pin, DEMO_CARD.name)
 #: Amount of every seeded bill, in minor units.
-BENCH_AMOUNT = 10_000
+BENCH_AMOUNT = GENERATED_BILL_AMOUNT
 
 Factory = Callable[[int], "tuple[tuple[str, str], bytes] | None"]
 
@@ -179,15 +179,19 @@ def _read_echo_port(proc: subprocess.Popen[bytes], timeout: float) -> int:
 
 
 # -- seeding ------------------------------------------------------------------------------------
-def seed_bills(settings: Settings, count: int, prefix: str) -> list[tuple[str, int]]:
+def seed_bills(
+    settings: Settings, count: int, prefix: str, *, append: bool = False
+) -> list[tuple[str, int]]:
     """Create ``count`` open bills ``<prefix>-<n>`` in billing's database; return them.
 
     Brings the schema up to date and loads the demo data first (as billing does on start,
     with the same PAN hash key and PVK, so billing then finds it there), and gives every bill
     to the demo customer holding :data:`BENCH_CARD`, amount :data:`BENCH_AMOUNT`, currency
-    360. Bill numbers must not exist yet (``prefix`` makes them unique per run).
+    360. Numbering starts at 0; with ``append`` it continues after the bills of ``prefix``
+    already there (``paylab bills add`` run twice). Without it the numbers must not exist
+    yet (``prefix`` makes them unique per run). Safe while billing runs (one transaction).
     """
-    from sqlalchemy import insert, select
+    from sqlalchemy import func, insert, select
 
     from billing.demo_data import DEMO_CURRENCY
     from billing.models import BILL_OPEN, Bill, Customer, utcnow
@@ -207,9 +211,21 @@ def seed_bills(settings: Settings, count: int, prefix: str) -> list[tuple[str, i
             PanHasher(settings.pan_hash_key.encode()),
             lambda pan, pvki, pin: crypto.pvv(pvk, pan, pvki, pin),
         )
-        bills = [(f"{prefix}-{i:07d}", BENCH_AMOUNT) for i in range(count)]
         now = utcnow()
         with transaction(sessions, write=True) as session:
+            start = 0
+            if append:
+                pattern = f"{prefix}-%"
+                start = (
+                    session.scalar(
+                        select(func.count()).select_from(Bill).where(Bill.bill_number.like(pattern))
+                    )
+                    or 0
+                )
+            bills = [
+                (generated_bill_number(prefix, i), BENCH_AMOUNT)
+                for i in range(start, start + count)
+            ]
             customer_id = session.scalar(select(Customer.id).where(Customer.name == BENCH_CARD[2]))
             if customer_id is None:
                 raise RuntimeError(f"demo customer {BENCH_CARD[2]!r} missing from billing")

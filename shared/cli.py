@@ -35,6 +35,8 @@ breaker_app = typer.Typer(help="Circuit breakers of the gateway's upstreams.", n
 app.add_typer(breaker_app, name="breaker")
 saf_app = typer.Typer(help="The gateway's store-and-forward queue.", no_args_is_help=True)
 app.add_typer(saf_app, name="saf")
+bills_app = typer.Typer(help="Bills in billing's database.", no_args_is_help=True)
+app.add_typer(bills_app, name="bills")
 app.add_typer(scenarios_app, name="scenarios")
 
 
@@ -542,6 +544,41 @@ def saf_stats(url: AdminUrl = None, token: AdminToken = None, as_json: JsonOpt =
         out.print(f"{state:<10} {n}")
     age = data.get("oldest_queued_age_seconds")
     out.print(f"depth      {data['depth']}  (oldest {'-' if age is None else f'{age:.1f} s'})")
+
+
+@bills_app.command("add")
+def bills_add(
+    count: Annotated[int, typer.Argument(min=1, max=1_000_000, help="How many bills.")] = 10_000,
+    prefix: Annotated[
+        str, typer.Option("--prefix", help="Bill numbers are <prefix>-<7 digits>.")
+    ] = "LOAD",
+    data_dir: DataDir = None,
+) -> None:
+    """Add open bills for load tests, each payable once with the demo card (PIN 1234).
+
+    Writes into billing's database (PAYLAB_BILLING_DB_URL or the data directory), also
+    while the network runs; numbering continues after the bills of the same prefix.
+    Locust picks from them with PAYLAB_LOAD_BILLS=<prefix>:<total> (loadtests/README.md).
+    """
+    import re
+
+    from billing.demo_data import GENERATED_BILL_AMOUNT
+    from shared.bench import seed_bills
+    from shared.db import DatabaseError
+
+    if not re.fullmatch(r"[A-Z][A-Z0-9]{0,15}", prefix):
+        fail("the prefix must be 1-16 capital letters or digits, starting with a letter")
+    try:
+        bills = seed_bills(_settings(data_dir), count, prefix, append=True)
+    except DatabaseError as exc:
+        fail(f"cannot write billing's database: {exc}")
+        raise  # unreachable
+    total = int(bills[-1][0].rsplit("-", 1)[1]) + 1
+    out.print(
+        f"added {len(bills)} open bills {bills[0][0]} .. {bills[-1][0]}, "
+        f"{GENERATED_BILL_AMOUNT} each (IDR minor units)"
+    )
+    out.print(f"for locust: PAYLAB_LOAD_BILLS={prefix}:{total}")
 
 
 @app.command()
