@@ -523,18 +523,9 @@ class BillingStore:
             request = requests[index]
             if posting is not None:
                 fields["posting_id"] = posting.id
-            encoded = _encode(fields)
-            session.add(
-                ProcessedRequest(
-                    idempotency_key=request.idempotency_key,
-                    mti=request.mti,
-                    request_digest=request.request_digest,
-                    response_code=code,
-                    response_json=encoded,
-                    created_at=now,
-                )
-            )
-            results[index] = _payment_result(request, code, _decode(encoded), replayed=False)
+            record = _Record(request.idempotency_key, request.request_digest, request.mti)
+            stored = _record(session, record, code, fields, now, flush=False)
+            results[index] = _payment_result(request, code, stored, replayed=False)
         # Now, so a concurrent duplicate key surfaces inside the transaction, not at commit.
         session.flush()
 
@@ -820,9 +811,17 @@ class _Record(NamedTuple):
 
 
 def _record(
-    session: Session, record: _Record, code: str, fields: Mapping[str, object], now: datetime
+    session: Session,
+    record: _Record,
+    code: str,
+    fields: Mapping[str, object],
+    now: datetime,
+    *,
+    flush: bool = True,
 ) -> Mapping[str, object]:
-    """Insert the outcome; return the fields as a replay will read them back (JSON round trip)."""
+    """Insert the outcome; return the fields as a replay will read them back (JSON round trip).
+
+    ``flush=False`` leaves the insert to the caller's next flush (a batch flushes once)."""
     encoded = _encode(fields)
     session.add(
         ProcessedRequest(
@@ -834,8 +833,9 @@ def _record(
             created_at=now,
         )
     )
-    # Flush now so a concurrent duplicate surfaces inside the transaction, not at commit.
-    session.flush()
+    if flush:
+        # Flush now so a concurrent duplicate surfaces inside the transaction, not at commit.
+        session.flush()
     return _decode(encoded)
 
 

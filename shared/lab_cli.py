@@ -29,17 +29,23 @@ from shared.labs import (
     check,
     parse_locust_stats,
 )
-from shared.top_cli import FETCH_TIMEOUT, Targets, default_targets, fetch_snapshot
+from shared.top_cli import (
+    FETCH_TIMEOUT,
+    AcquirerUrl,
+    BillingUrl,
+    ChaosUrl,
+    GatewayUrl,
+    HsmUrl,
+    Targets,
+    default_targets,
+    fetch_snapshot,
+)
 
 lab_app = typer.Typer(
     help="The course labs (docs/labs/) and `paylab lab check N`.", no_args_is_help=True
 )
 
 DEFAULT_PROMETHEUS = "http://127.0.0.1:9090"
-
-
-def _url_opt(name: str) -> Any:
-    return typer.Option(f"--{name}-url", help=f"{name} HTTP base URL (default from settings).")
 
 
 @lab_app.command("list")
@@ -155,13 +161,11 @@ def _print(number: int, findings: list[Finding]) -> None:
 @lab_app.command("check")
 def lab_check(
     number: Annotated[int, typer.Argument(help="The lab's number (paylab lab list).")],
-    gateway_url: Annotated[str | None, _url_opt("gateway")] = None,
-    acquirer_url: Annotated[str | None, _url_opt("acquirer")] = None,
-    billing_url: Annotated[str | None, _url_opt("billing")] = None,
-    hsm_url: Annotated[str | None, _url_opt("hsm")] = None,
-    chaos_url: Annotated[
-        str | None, typer.Option("--chaos-url", help="Chaos controller (default from settings).")
-    ] = None,
+    gateway_url: GatewayUrl = None,
+    acquirer_url: AcquirerUrl = None,
+    billing_url: BillingUrl = None,
+    hsm_url: HsmUrl = None,
+    chaos_url: ChaosUrl = None,
     prometheus_url: Annotated[
         str, typer.Option("--prometheus-url", help="Prometheus server (lab 4).")
     ] = DEFAULT_PROMETHEUS,

@@ -198,6 +198,16 @@ def _url_opt(name: str) -> Any:
     return typer.Option(f"--{name}-url", help=f"{name} HTTP base URL (default from settings).")
 
 
+# The network's addresses, as options of every command that reads a running network.
+GatewayUrl = Annotated[str | None, _url_opt("gateway")]
+AcquirerUrl = Annotated[str | None, _url_opt("acquirer")]
+BillingUrl = Annotated[str | None, _url_opt("billing")]
+HsmUrl = Annotated[str | None, _url_opt("hsm")]
+ChaosUrl = Annotated[
+    str | None, typer.Option("--chaos-url", help="Chaos controller (default from settings).")
+]
+
+
 def top(
     interval: Annotated[
         str, typer.Option(help="Time between frames: 1s, 500ms, 2 (seconds).")
@@ -205,13 +215,11 @@ def top(
     once: Annotated[
         bool, typer.Option("--once", help="Print one frame (two reads one interval apart), exit.")
     ] = False,
-    gateway_url: Annotated[str | None, _url_opt("gateway")] = None,
-    acquirer_url: Annotated[str | None, _url_opt("acquirer")] = None,
-    billing_url: Annotated[str | None, _url_opt("billing")] = None,
-    hsm_url: Annotated[str | None, _url_opt("hsm")] = None,
-    chaos_url: Annotated[
-        str | None, typer.Option("--chaos-url", help="Chaos controller (default from settings).")
-    ] = None,
+    gateway_url: GatewayUrl = None,
+    acquirer_url: AcquirerUrl = None,
+    billing_url: BillingUrl = None,
+    hsm_url: HsmUrl = None,
+    chaos_url: ChaosUrl = None,
     token: Annotated[
         str | None,
         typer.Option(
