@@ -38,9 +38,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
-from typing import Final, NamedTuple, TypeVar
+from typing import Final, NamedTuple, Protocol, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -461,28 +461,40 @@ class BillingStore:
     def _pay_in(self, session: Session, requests: Sequence[PaymentRequest]) -> list[PaymentResult]:
         """The rules of :meth:`pay` for a batch, with a constant number of statements.
 
-        Three reads (the keys' records, the bills, their customers), then the postings and
-        bill updates in one flush and the records in a second one: the ORM sends each
-        flush's rows as one multi-row statement, so a batch of a hundred costs little more
-        than a single payment. Decisions are made in order, as if the requests had come one
-        by one: a key first seen in this batch replays for its later copies, and a bill
-        paid by an earlier request of the batch is ``88`` for the later ones.
+        Three reads (the keys' records, the bills, their customers), then three multi-row
+        writes (the postings, with their ids returned in order; the bills marked paid; the
+        records), all as Core statements: a batch of a hundred costs little more than a
+        single payment, and no ORM object is built on this path. Decisions are made in
+        order, as if the requests had come one by one: a key first seen in this batch
+        replays for its later copies, and a bill paid by an earlier request of the batch
+        is ``88`` for the later ones.
         """
         now = self._clock()
         recorded = {
             row.idempotency_key: row
-            for row in session.scalars(
-                select(ProcessedRequest).where(
-                    ProcessedRequest.idempotency_key.in_({r.idempotency_key for r in requests})
-                )
+            for row in session.execute(
+                select(
+                    ProcessedRequest.idempotency_key,
+                    ProcessedRequest.mti,
+                    ProcessedRequest.request_digest,
+                    ProcessedRequest.response_code,
+                    ProcessedRequest.response_json,
+                ).where(ProcessedRequest.idempotency_key.in_({r.idempotency_key for r in requests}))
             )
         }
         # FOR UPDATE (PostgreSQL): a concurrent payment of the same bill waits here and then
         # sees it paid. Rows are locked in bill-number order, so two batches cannot deadlock.
         bills = {
-            bill.bill_number: bill
-            for bill in session.scalars(
-                select(Bill)
+            row.bill_number: _BillRow(*row)
+            for row in session.execute(
+                select(
+                    Bill.bill_number,
+                    Bill.customer_id,
+                    Bill.biller,
+                    Bill.amount_due,
+                    Bill.currency,
+                    Bill.status,
+                )
                 .where(Bill.bill_number.in_({r.bill_number for r in requests}))
                 .order_by(Bill.bill_number)
                 .with_for_update()
@@ -497,7 +509,8 @@ class BillingStore:
         }
 
         results: list[PaymentResult | None] = [None] * len(requests)
-        fresh: list[tuple[int, str, dict[str, object], Posting | None]] = []
+        fresh: list[tuple[int, str, dict[str, object]]] = []
+        postings: list[dict[str, object]] = []
         first_of_key: dict[str, int] = {}
         repeats: list[tuple[int, int]] = []
         for index, request in enumerate(requests):
@@ -514,20 +527,46 @@ class BillingStore:
                 repeats.append((index, first_of_key[key]))
                 continue
             first_of_key[key] = index
-            bill = bills.get(request.bill_number)
-            code, fields, posting = self._decide(session, request, bill, names, now)
-            fresh.append((index, code, fields, posting))
+            code, fields = _decide(request, bills.get(request.bill_number), names)
+            if code == RC_APPROVED:
+                bills[request.bill_number].status = BILL_PAID  # later requests see it paid
+                postings.append(_posting_row(request, now))
+            fresh.append((index, code, fields))
 
-        session.flush()  # postings and bill updates: assigns the postings' ids
-        for index, code, fields, posting in fresh:
+        ids: Iterator[int] = iter(())
+        if postings:
+            ids = iter(
+                session.scalars(
+                    insert(Posting).returning(Posting.id, sort_by_parameter_order=True), postings
+                ).all()
+            )
+            session.execute(
+                update(Bill),
+                [
+                    {"bill_number": p["bill_number"], "status": BILL_PAID, "paid_at": now}
+                    for p in postings
+                ],
+            )
+        records = []
+        for index, code, fields in fresh:
             request = requests[index]
-            if posting is not None:
-                fields["posting_id"] = posting.id
-            record = _Record(request.idempotency_key, request.request_digest, request.mti)
-            stored = _record(session, record, code, fields, now, flush=False)
-            results[index] = _payment_result(request, code, stored, replayed=False)
-        # Now, so a concurrent duplicate key surfaces inside the transaction, not at commit.
-        session.flush()
+            if code == RC_APPROVED:
+                fields["posting_id"] = next(ids)
+            encoded = _encode(fields)
+            records.append(
+                {
+                    "idempotency_key": request.idempotency_key,
+                    "mti": request.mti,
+                    "request_digest": request.request_digest,
+                    "response_code": code,
+                    "response_json": encoded,
+                    "created_at": now,
+                }
+            )
+            results[index] = _payment_result(request, code, _decode(encoded), replayed=False)
+        if records:
+            # A concurrent duplicate key surfaces here, inside the transaction.
+            session.execute(insert(ProcessedRequest), records)
 
         for index, first in repeats:
             request, original = requests[index], results[first]
@@ -541,53 +580,6 @@ class BillingStore:
                     request, RC_DUPLICATE, MappingProxyType({}), replayed=False
                 )
         return [r for r in results if r is not None]
-
-    def _decide(
-        self,
-        session: Session,
-        request: PaymentRequest,
-        bill: Bill | None,
-        names: Mapping[int, str],
-        now: datetime,
-    ) -> tuple[str, dict[str, object], Posting | None]:
-        """The outcome of one new payment request. An approval adds its posting to
-        ``session`` and marks the bill paid (both written at the next flush), so a later
-        request of the batch for the same bill sees it paid."""
-        fields: dict[str, object] = {
-            "bill_number": request.bill_number,
-            "amount": request.amount,
-            "currency": request.currency,
-        }
-        if bill is None:
-            return RC_UNKNOWN_BILL, fields, None
-        fields |= {
-            "amount_due": bill.amount_due,
-            "biller": bill.biller,
-            "customer_name": names.get(bill.customer_id),
-        }
-        if bill.status == BILL_PAID:
-            return RC_ALREADY_PAID, fields, None
-        if request.amount != bill.amount_due or request.currency != bill.currency:
-            return RC_INVALID_AMOUNT, fields, None
-        posting = Posting(
-            bill_number=bill.bill_number,
-            amount=request.amount,
-            currency=request.currency,
-            idempotency_key=request.idempotency_key,
-            rrn=request.rrn,
-            stan=request.stan,
-            terminal_id=request.terminal_id,
-            acquirer_id=request.acquirer_id,
-            pan_masked=request.pan_masked,
-            pan_hash=request.pan_hash,
-            source=SOURCE_ADVICE if request.is_advice else SOURCE_ONLINE,
-            status=POSTING_POSTED,
-            created_at=now,
-        )
-        session.add(posting)
-        bill.status = BILL_PAID
-        bill.paid_at = now
-        return RC_APPROVED, fields, posting
 
     def reverse(self, request: ReversalRequest) -> ReversalResult:
         """Undo the payment recorded under ``request.original_key``, exactly once.
@@ -791,7 +783,17 @@ def _seen(session: Session, key: str, digest: str) -> StoredResponse | None:
     return _seen_row(session.get(ProcessedRequest, key), key, digest)
 
 
-def _seen_row(row: ProcessedRequest | None, key: str, digest: str) -> StoredResponse | None:
+class _Recorded(Protocol):
+    """A ``processed_requests`` row: the ORM object or a row of its columns."""
+
+    idempotency_key: str
+    mti: str
+    request_digest: str
+    response_code: str
+    response_json: str
+
+
+def _seen_row(row: _Recorded | None, key: str, digest: str) -> StoredResponse | None:
     """The outcome a repeat of ``key`` gets from its ``processed_requests`` row (see replay)."""
     if row is None:
         return None
@@ -811,17 +813,9 @@ class _Record(NamedTuple):
 
 
 def _record(
-    session: Session,
-    record: _Record,
-    code: str,
-    fields: Mapping[str, object],
-    now: datetime,
-    *,
-    flush: bool = True,
+    session: Session, record: _Record, code: str, fields: Mapping[str, object], now: datetime
 ) -> Mapping[str, object]:
-    """Insert the outcome; return the fields as a replay will read them back (JSON round trip).
-
-    ``flush=False`` leaves the insert to the caller's next flush (a batch flushes once)."""
+    """Insert the outcome; return the fields as a replay will read them back (JSON round trip)."""
     encoded = _encode(fields)
     session.add(
         ProcessedRequest(
@@ -833,9 +827,8 @@ def _record(
             created_at=now,
         )
     )
-    if flush:
-        # Flush now so a concurrent duplicate surfaces inside the transaction, not at commit.
-        session.flush()
+    # Flush now so a concurrent duplicate surfaces inside the transaction, not at commit.
+    session.flush()
     return _decode(encoded)
 
 
@@ -893,6 +886,60 @@ def _reversal_result(
         replayed=replayed,
         fields=fields,
     )
+
+
+@dataclass(slots=True)
+class _BillRow:
+    """What a batch of payments reads of a bill (``status`` changes as the batch posts)."""
+
+    bill_number: str
+    customer_id: int
+    biller: str
+    amount_due: int
+    currency: str
+    status: str
+
+
+def _decide(
+    request: PaymentRequest, bill: _BillRow | None, names: Mapping[int, str]
+) -> tuple[str, dict[str, object]]:
+    """The outcome of one new payment request, and the fields recorded with it."""
+    fields: dict[str, object] = {
+        "bill_number": request.bill_number,
+        "amount": request.amount,
+        "currency": request.currency,
+    }
+    if bill is None:
+        return RC_UNKNOWN_BILL, fields
+    fields |= {
+        "amount_due": bill.amount_due,
+        "biller": bill.biller,
+        "customer_name": names.get(bill.customer_id),
+    }
+    if bill.status == BILL_PAID:
+        return RC_ALREADY_PAID, fields
+    if request.amount != bill.amount_due or request.currency != bill.currency:
+        return RC_INVALID_AMOUNT, fields
+    return RC_APPROVED, fields
+
+
+def _posting_row(request: PaymentRequest, now: datetime) -> dict[str, object]:
+    """The ``postings`` row of an approved payment."""
+    return {
+        "bill_number": request.bill_number,
+        "amount": request.amount,
+        "currency": request.currency,
+        "idempotency_key": request.idempotency_key,
+        "rrn": request.rrn,
+        "stan": request.stan,
+        "terminal_id": request.terminal_id,
+        "acquirer_id": request.acquirer_id,
+        "pan_masked": request.pan_masked,
+        "pan_hash": request.pan_hash,
+        "source": SOURCE_ADVICE if request.is_advice else SOURCE_ONLINE,
+        "status": POSTING_POSTED,
+        "created_at": now,
+    }
 
 
 def _card_ref(card: Card) -> CardRef:
