@@ -37,6 +37,14 @@ class Writer:
 settle = trio.testing.wait_all_tasks_blocked
 
 
+async def submit_within(
+    scope: trio.CancelScope, commit: GroupCommit[int, int], item: int, out: dict[int, object]
+) -> None:
+    """Submit ``item`` inside ``scope`` (which the test cancels); record a result if any."""
+    with scope:
+        out[item] = await commit.submit(item)
+
+
 async def start_in_order(
     nursery: trio.Nursery, commit: GroupCommit[int, int], items: range, out: dict[int, object]
 ) -> None:
@@ -136,12 +144,7 @@ async def test_a_cancelled_waiter_is_withdrawn_before_its_write() -> None:
     async with trio.open_nursery() as nursery:
         await start_in_order(nursery, commit, range(1), out)
         scope = trio.CancelScope()
-
-        async def cancelled_one() -> None:
-            with scope:
-                await commit.submit(1)
-
-        nursery.start_soon(cancelled_one)
+        nursery.start_soon(submit_within, scope, commit, 1, out)
         await settle()
         await start_in_order(nursery, commit, range(2, 3), out)
         scope.cancel()
@@ -160,12 +163,7 @@ async def test_a_cancelled_leader_finishes_its_write_and_others_get_results() ->
     out: dict[int, object] = {}
     async with trio.open_nursery() as nursery:
         scope = trio.CancelScope()
-
-        async def leader() -> None:
-            with scope:
-                out[0] = await commit.submit(0)
-
-        nursery.start_soon(leader)
+        nursery.start_soon(submit_within, scope, commit, 0, out)
         await settle()
         await start_in_order(nursery, commit, range(1, 2), out)
         scope.cancel()  # the write in progress is shielded: it completes
@@ -186,12 +184,7 @@ async def test_a_promoted_caller_cancelled_passes_the_lead_on() -> None:
     async with trio.open_nursery() as nursery:
         await start_in_order(nursery, commit, range(1), out)
         scope = trio.CancelScope()
-
-        async def next_leader() -> None:
-            with scope:
-                await commit.submit(1)
-
-        nursery.start_soon(next_leader)
+        nursery.start_soon(submit_within, scope, commit, 1, out)
         await settle()
         await start_in_order(nursery, commit, range(2, 3), out)
         # Batch [0] ends and caller 1 is made leader; it is cancelled before it leads.
