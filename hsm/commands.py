@@ -66,6 +66,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 from hsm.errors import KeyReferenceError
@@ -206,9 +207,17 @@ class _Cursor:
 
 def _key(keys: KeyFile, ref: str) -> bytes:
     try:
-        return decrypt_under_lmk(keys.lmk, ref)
+        return _clear_key(keys.lmk, ref)
     except KeyReferenceError:
         raise _Reject(ERR_KEY) from None
+
+
+@lru_cache(maxsize=256)
+def _clear_key(lmk: bytes, ref: str) -> bytes:
+    # A real HSM keeps its working keys decrypted in secure memory too; here the same few
+    # keys come with every command, and decrypting them again cost more than the command's
+    # own cryptography. A rejected reference raises and is therefore never cached.
+    return decrypt_under_lmk(lmk, ref)
 
 
 def _check_format(code: str) -> None:

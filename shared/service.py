@@ -37,7 +37,7 @@ from shared.messages import Message, is_response, make_response
 from shared.metrics import DatabaseMetrics, ServiceMetrics
 from shared.pool import LinkDialect, PoolConfig, UpstreamPool
 from shared.settings import Settings
-from shared.tcp import FramedServer
+from shared.tcp import FramedServer, InlineHandler
 from shared.tls import client_context, server_context
 from shared.upstream import NO_RETRY, AnswerPolicy, Upstream
 from shared.validation import validate_request
@@ -93,6 +93,7 @@ class Service:
             idle_timeout=settings.idle_timeout,
             ssl_context=server_context(settings, self.name),
             handshake_timeout=settings.frame_timeout or 10.0,
+            inline=self.inline_handler(),
         )
         #: TLS context of this service's upstream links (None: plain TCP).
         self.client_ssl = client_context(settings, self.name)
@@ -121,6 +122,12 @@ class Service:
     async def handle(self, payload: bytes, peer: str) -> bytes | None:
         """Answer one frame (the payload without its length header)."""
         raise NotImplementedError
+
+    def inline_handler(self) -> InlineHandler | None:
+        """A synchronous :meth:`handle` for a service whose answers need no waiting at all
+        (the HSM): its frames are then answered in the reading task, see
+        ``FramedServer(inline=)``. None (the default): a task per frame runs :meth:`handle`."""
+        return None
 
     async def prepare(self) -> None:
         """Set-up before listening: open the database and bring its schema up to date."""
@@ -417,8 +424,8 @@ class IsoService(Service):
             out = codec.encode(response)
         finally:
             self.metrics.in_progress.dec()
-        self.metrics.requests.labels(mti, response.get("39", "--")).inc()
-        self.metrics.duration.labels(mti).observe(trio.current_time() - start)
+        self.metrics.requests_of(mti, response.get("39", "--")).inc()
+        self.metrics.duration_of(mti).observe(trio.current_time() - start)
         return out
 
     async def dispatch(self, frame: IsoFrame, peer: str) -> Message:

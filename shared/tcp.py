@@ -9,7 +9,6 @@ a key; :class:`shared.pool.UpstreamPool` keeps several of them to a peer.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import ssl
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -29,6 +28,9 @@ _READ_SIZE = 65536
 
 #: A request handler: one whole frame payload in, the response payload out (None: no answer).
 FrameHandler = Callable[[bytes, str], Awaitable[bytes | None]]
+
+#: A handler that answers at once, without waiting on anything (see ``FramedServer(inline=)``).
+InlineHandler = Callable[[bytes, str], bytes | None]
 
 
 class FramedServer:
@@ -54,6 +56,13 @@ class FramedServer:
       only that connection;
     * :meth:`shutdown` stops accepting and reading, lets in-flight requests finish within
       ``grace`` seconds, then closes every connection.
+
+    With ``inline``, frames are answered by that synchronous function in the reading task
+    instead, one after the other in arrival order, and the answers to every frame of one read
+    go out in one send. This is for handlers that are pure CPU work of microseconds (the
+    HSM), where a task, a cancel scope and a send per frame cost more than the work itself.
+    Reading pauses while the answers are sent, which is the back-pressure; a framing error
+    still answers the whole frames before it. ``handler`` is then unused.
     """
 
     def __init__(
@@ -74,11 +83,13 @@ class FramedServer:
         idle_timeout: float = 0.0,
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float = 10.0,
+        inline: InlineHandler | None = None,
     ) -> None:
         self.name = name
         self.host = host
         self.port = port
         self._handler = handler
+        self._inline = inline
         self._metrics = metrics
         self._log = log
         self._kind = kind
@@ -230,22 +241,36 @@ class FramedServer:
                 frame_started = now
             parser.feed(data)
             served = False
-            while True:
-                try:
-                    frame = parser.next_frame()
-                except FramingError as exc:
-                    self._metrics.frames_rejected.labels("framing").inc()
-                    self._log.warning(
-                        "framing_error", listener=self.name, peer=peer, reason=str(exc)
-                    )
-                    return
-                if frame is None:
-                    break
-                served = True
-                if not frame:
-                    continue  # a zero-length frame: a keep-alive, nothing to answer
-                await slots.acquire()
-                nursery.start_soon(self._handle_one, peer, frame, sender, slots)
+            answers: list[bytes] = []  # inline answers of this read, sent together
+            sent = True
+            try:
+                while True:
+                    try:
+                        frame = parser.next_frame()
+                    except FramingError as exc:
+                        self._metrics.frames_rejected.labels("framing").inc()
+                        self._log.warning(
+                            "framing_error", listener=self.name, peer=peer, reason=str(exc)
+                        )
+                        return
+                    if frame is None:
+                        break
+                    served = True
+                    if not frame:
+                        continue  # a zero-length frame: a keep-alive, nothing to answer
+                    if self._inline is not None:
+                        out = self._answer_inline(frame, peer)
+                        if out is not None:
+                            answers.append(out)
+                        continue
+                    await slots.acquire()
+                    nursery.start_soon(self._handle_one, peer, frame, sender, slots)
+            finally:
+                if answers:
+                    with trio.CancelScope(shield=True):
+                        sent = await _send_quietly(sender, b"".join(answers))
+            if not sent:
+                return  # the peer is gone: nothing more to read from it
             if served:  # the rest (if any) is the start of the next frame: its clock starts
                 frame_started = trio.current_time() if parser.buffered else None
 
@@ -260,6 +285,24 @@ class FramedServer:
             if frame_deadline < deadline:
                 deadline, why = frame_deadline, "frame"
         return deadline, why
+
+    def _answer_inline(self, frame: bytes, peer: str) -> bytes | None:
+        """The framed answer of the inline handler to ``frame`` (None: no answer)."""
+        assert self._inline is not None
+        try:
+            response = self._inline(frame, peer)
+        except Exception:
+            self._metrics.handler_errors.inc()
+            self._log.exception("handler_failed", listener=self.name, peer=peer)
+            return None
+        return None if response is None else self._framed(response)
+
+    def _framed(self, response: bytes) -> bytes | None:
+        try:
+            return encode_frame(response, self._kind, self._max_frame)
+        except FramingError:
+            self._log.error("response_too_large", listener=self.name, size=len(response))
+            return None
 
     async def _handle_one(
         self,
@@ -277,16 +320,20 @@ class FramedServer:
                 return
             if response is None:
                 return
-            try:
-                out = encode_frame(response, self._kind, self._max_frame)
-            except FramingError:
-                self._log.error("response_too_large", listener=self.name, size=len(response))
-                return
-            # If the peer went away, its answer has nowhere to go: nothing to do.
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await sender.submit(out)
+            out = self._framed(response)
+            if out is not None:
+                await _send_quietly(sender, out)
         finally:
             slots.release()
+
+
+async def _send_quietly(sender: FrameSender, out: bytes) -> bool:
+    """Send an answer; False if the peer went away (its answer has nowhere to go)."""
+    try:
+        await sender.submit(out)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    return True
 
 
 #: Seconds a send may wait for a peer that does not read before its connection is closed.
