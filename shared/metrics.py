@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from typing import TypeVar
 
 from prometheus_client import (
@@ -63,6 +64,20 @@ HOURS = tuple(f"{h:02d}" for h in range(24))
 #: Failures of a database call that count as "database problems": the stores' own
 #: :class:`~shared.db.DatabaseError` and SQLAlchemy's connection-level errors.
 DB_FAILURES: tuple[type[BaseException], ...] = (DatabaseError, OperationalError, InterfaceError)
+
+
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+
+
+def series(metric: _Metric) -> Callable[..., _Metric]:
+    """``metric.labels`` with each child remembered: on a per-message path the label
+    lookup (a lock and a dict of tuples) costs more than the increment it serves.
+
+    For metrics whose label sets are small and bounded (MTIs, codes, upstream names) and
+    are never removed; at most 1,024 children are remembered, beyond that it is a plain
+    lookup again.
+    """
+    return lru_cache(maxsize=1024)(metric.labels)
 
 
 class ServiceMetrics:
@@ -192,6 +207,11 @@ class ServiceMetrics:
             ["reason"],
             registry=r,
         )
+        # The per-message series, looked up once per label set (see :func:`series`).
+        self.requests_of = series(self.requests)
+        self.duration_of = series(self.duration)
+        self.upstream_calls_of = series(self.upstream_calls)
+        self.upstream_duration_of = series(self.upstream_duration)
         for reason in ("per_source", "total", "tls"):
             self.connections_refused.labels(reason)
         for reason in ("frame", "idle"):
@@ -333,6 +353,10 @@ class BusinessMetrics:
             self.reversals.labels(code.value)
         self.add_billers(())
 
+        self._payments_of = series(self.payments)
+        self._amount_of = series(self.amount)
+        self._by_hour_of = series(self.by_hour)
+
     def add_billers(self, billers: Iterable[str]) -> None:
         """Pre-create the series of ``billers`` (and of the unknown biller's declines)."""
         for biller in billers:
@@ -347,7 +371,7 @@ class BusinessMetrics:
     def payment(self, source: str, code: str, biller: str | None, amount: int | None) -> None:
         """One fresh payment outcome; an approval with its ``amount`` adds to the amounts."""
         label = biller or UNKNOWN_BILLER
-        self.payments.labels(label, code, source).inc()
+        self._payments_of(label, code, source).inc()
         if code == RC.APPROVED and amount is not None:
-            self.amount.labels(label).observe(amount)
-            self.by_hour.labels(HOURS[time.gmtime().tm_hour]).inc()
+            self._amount_of(label).observe(amount)
+            self._by_hour_of(HOURS[time.gmtime().tm_hour]).inc()

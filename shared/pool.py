@@ -173,7 +173,19 @@ class Candidate:
     in_flight: int
 
 
-def choose(candidates: Sequence[Candidate], max_in_flight: int) -> int | None:
+class Choosable(Protocol):
+    """What :func:`choose` reads of a connection: a :class:`Candidate`, or the pool's own
+    slot (read directly on the hot path, without building a candidate per request)."""
+
+    @property
+    def role(self) -> str: ...
+    @property
+    def healthy(self) -> bool: ...
+    @property
+    def in_flight(self) -> int: ...
+
+
+def choose(candidates: Sequence[Choosable], max_in_flight: int) -> int | None:
     """Index of the connection a request should use, or None when no healthy one has room.
 
     Healthy primary connections first, the one with the fewest requests in flight (the
@@ -567,9 +579,7 @@ class UpstreamPool(Generic[T]):
     # -- calls --------------------------------------------------------------------------------
     def _pick(self) -> _Slot[T] | None:
         slots = self._slots
-        index = choose(
-            [Candidate(s.role, s.healthy, s.in_flight) for s in slots], self.config.max_in_flight
-        )
+        index = choose(slots, self.config.max_in_flight)
         return None if index is None else slots[index]
 
     def _grow_if_busy(self, slot: _Slot[T]) -> None:
@@ -609,12 +619,12 @@ class UpstreamPool(Generic[T]):
             result = await conn.request(payload, key, remaining)
         except UpstreamError as exc:
             outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unavailable"
-            self._metrics.upstream_calls.labels(self.name, outcome).inc()
+            self._metrics.upstream_calls_of(self.name, outcome).inc()
             slot.errors += 1
             self.window.add(False)
             raise
-        self._metrics.upstream_calls.labels(self.name, "ok").inc()
-        self._metrics.upstream_duration.labels(self.name).observe(trio.current_time() - start)
+        self._metrics.upstream_calls_of(self.name, "ok").inc()
+        self._metrics.upstream_duration_of(self.name).observe(trio.current_time() - start)
         self.window.add(True)
         return result
 
