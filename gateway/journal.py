@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.models import JournalEntry
 from shared.codes import RC
-from shared.db import transaction
+from shared.db import connection_transaction, engine_of, table_of, transaction
 from shared.messages import (
     MTI_REVERSAL,
     MTI_REVERSAL_REPEAT,
@@ -100,18 +100,23 @@ def _original_key(msg: Mapping[str, str]) -> str | None:
         return None
 
 
+_INSERT = insert(table_of(JournalEntry))
+
+
 class Journal:
     """Writes and reads the journal table (synchronous; call from a worker thread)."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        self._engine = engine_of(sessions)
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Insert ``rows`` in one transaction (one commit for a whole batch)."""
         if not rows:
             return
-        with transaction(self._sessions, write=True) as s:
-            s.execute(insert(JournalEntry), [dict(r) for r in rows])
+        # A Core insert on the table: no session or ORM bulk machinery per batch.
+        with connection_transaction(self._engine, write=True) as conn:
+            conn.execute(_INSERT, [dict(r) for r in rows])
 
     def find(
         self, *, rrn: str | None = None, stan: str | None = None, limit: int = 50
