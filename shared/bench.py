@@ -67,6 +67,24 @@ Factory = Callable[[int], "tuple[tuple[str, str], bytes] | None"]
 
 
 # -- figures ------------------------------------------------------------------------------------
+def python_speed(seconds: float = 0.2) -> float:
+    """Million steps per second of a fixed pure-Python loop, one core, best of a few tries.
+
+    A yardstick for the core the figures were measured on: the services are CPU-bound
+    Python, so their throughput moves with it. Compare it between runs and machines before
+    comparing their figures.
+    """
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        total = 0
+        for i in range(100_000):
+            total += i
+        best = max(best, 0.1 / (time.perf_counter() - start))
+    return round(best, 1)
+
+
 def percentile(sorted_samples: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0..100) of ascending ``sorted_samples``, nearest-rank method.
 
@@ -503,6 +521,7 @@ def run_bench(
     phases: list[PhaseResult] = []
     rss: dict[str, dict[str, float]] = {}
     load_before = os.getloadavg()
+    speed_before = python_speed()
     with tempfile.TemporaryDirectory(prefix="paylab-bench-") as tmp:
         settings = _settings_for(Path(tmp) / "var")
         n_bills = opts.bills_per_phase()
@@ -620,6 +639,10 @@ def run_bench(
             # before and after the run (a quiet 2-core machine stays well under 2).
             "load_average_before": round(load_before[0], 2),
             "load_average_after": round(os.getloadavg()[0], 2),
+            # The same figures on a faster or slower core scale with it, and a shared
+            # virtual machine's core speed drifts: a fixed pure-Python loop, timed.
+            "python_speed_before": speed_before,
+            "python_speed_after": python_speed(),
         },
         "options": asdict(opts) | {"bills_per_phase": opts.bills_per_phase()},
         "phases": [p.as_dict() for p in phases],
@@ -683,7 +706,9 @@ def render(report: dict[str, Any]) -> list[Any]:
     m = report["machine"]
     lines.append(
         f"machine: {m['cpus']} CPUs, Python {m['python']}, {m['platform']}; load average "
-        f"{m['load_average_before']:.2f} before, {m['load_average_after']:.2f} after"
+        f"{m['load_average_before']:.2f} before, {m['load_average_after']:.2f} after; "
+        f"Python speed {m['python_speed_before']:.1f} before, {m['python_speed_after']:.1f} "
+        "after (million loop steps/s)"
     )
     return lines
 

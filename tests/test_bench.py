@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.bench import latency_summary, percentile
+from shared.bench import latency_summary, percentile, python_speed
 from tests.test_cli import PAYLAB, env, run_cli  # noqa: F401 - env is a fixture
 
 # -- percentiles ------------------------------------------------------------------------------
@@ -44,6 +44,10 @@ def test_percentile_rejects_nonsense() -> None:
         percentile([1.0], 101)
     with pytest.raises(ValueError):
         percentile([1.0], -1)
+
+
+def test_python_speed_is_a_positive_rate() -> None:
+    assert python_speed(0.02) > 0
 
 
 def test_latency_summary_in_milliseconds() -> None:
@@ -104,6 +108,8 @@ def test_bench_smoke_json(tmp_path: Path) -> None:
     assert report["ratios"]["chain_vs_echo"] > 0
     assert {"hsm", "billing", "gateway", "echo"} <= set(report["rss"])
     assert report["rss"]["gateway"]["rss_mb"] > 0
+    machine = report["machine"]
+    assert machine["python_speed_before"] > 0 and machine["python_speed_after"] > 0
 
 
 # -- paylab up --processes --------------------------------------------------------------------
