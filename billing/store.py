@@ -317,8 +317,8 @@ _CARDS_FOR = select(
     _CARD.c.pvv,
     _CARD.c.status,
 ).where(_CARD.c.pan_hash.in_(bindparam("hashes", expanding=True)))
-# With the customer's name joined in; FOR UPDATE locks the bill rows only (PostgreSQL).
-_BILLS_FOR_UPDATE = (
+# Bills with their customer's name (in :class:`_BillRow` order), for inquiries and payments.
+_BILLS_FOR = (
     select(
         _BILL.c.bill_number,
         _BILL.c.biller,
@@ -329,21 +329,9 @@ _BILLS_FOR_UPDATE = (
     )
     .join(_CUSTOMER, _CUSTOMER.c.id == _BILL.c.customer_id)
     .where(_BILL.c.bill_number.in_(bindparam("numbers", expanding=True)))
-    .order_by(_BILL.c.bill_number)
-    .with_for_update(of=_BILL)
 )
-_INQUIRY_FOR = (
-    select(
-        _BILL.c.bill_number,
-        _BILL.c.status,
-        _BILL.c.amount_due,
-        _BILL.c.currency,
-        _BILL.c.biller,
-        _CUSTOMER.c.name,
-    )
-    .join(_CUSTOMER, _CUSTOMER.c.id == _BILL.c.customer_id)
-    .where(_BILL.c.bill_number.in_(bindparam("numbers", expanding=True)))
-)
+# FOR UPDATE locks the bill rows only (PostgreSQL), in bill-number order.
+_BILLS_FOR_UPDATE = _BILLS_FOR.order_by(_BILL.c.bill_number).with_for_update(of=_BILL)
 _INSERT_RECORDS = insert(_PR)
 _INSERT_POSTINGS = insert(_POSTING).returning(_POSTING.c.id, sort_by_parameter_order=True)
 _MARK_PAID = (
@@ -426,7 +414,7 @@ class BillingStore:
     def inquire_many(self, bill_numbers: Sequence[str]) -> list[InquiryResult]:
         """:meth:`inquire` for many bills (in order), with one query in one read transaction."""
         with _infrastructure_errors(), connection_transaction(self._engine, write=False) as conn:
-            rows = conn.execute(_INQUIRY_FOR, {"numbers": list(set(bill_numbers))}).all()
+            rows = conn.execute(_BILLS_FOR, {"numbers": list(set(bill_numbers))}).all()
         found = {row[0]: row for row in rows}
         results = []
         for number in bill_numbers:
@@ -434,7 +422,7 @@ class BillingStore:
             if row is None:
                 results.append(InquiryResult(RC_UNKNOWN_BILL, number, None, None, None, None))
                 continue
-            _, status, amount_due, currency, biller, customer_name = row
+            _, biller, amount_due, currency, status, customer_name = row
             code = RC_ALREADY_PAID if status == BILL_PAID else RC_APPROVED
             results.append(InquiryResult(code, number, amount_due, currency, biller, customer_name))
         return results

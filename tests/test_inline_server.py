@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 
 from hsm.service import HsmService
-from shared.framing import HeaderKind, encode_frame
+from shared.framing import DEFAULT_MAX_FRAME, HeaderKind, encode_frame
 from shared.log import get_logger
 from shared.metrics import ServiceMetrics
 from shared.tcp import FramedServer
@@ -28,14 +28,15 @@ async def _never(payload: bytes, peer: str) -> bytes:
     return _unused(payload, peer)
 
 
-def _inline_server(metrics: ServiceMetrics) -> FramedServer:
-    def answer(payload: bytes, _peer: str) -> bytes | None:
-        if payload == b"boom":
-            raise RuntimeError("handler bug")
-        if payload == b"quiet":
-            return None
-        return payload.upper()
+def _answer(payload: bytes, _peer: str) -> bytes | None:
+    if payload == b"boom":
+        raise RuntimeError("handler bug")
+    if payload == b"quiet":
+        return None
+    return payload.upper()
 
+
+def _inline_server(metrics: ServiceMetrics, max_frame: int = DEFAULT_MAX_FRAME) -> FramedServer:
     return FramedServer(
         "test",
         _never,
@@ -43,7 +44,8 @@ def _inline_server(metrics: ServiceMetrics) -> FramedServer:
         port=0,
         metrics=metrics,
         log=get_logger("test"),
-        inline=answer,
+        max_frame=max_frame,
+        inline=_answer,
     )
 
 
@@ -93,21 +95,12 @@ async def test_a_framing_error_answers_the_whole_frames_before_it(
     nursery: trio.Nursery,
 ) -> None:
     metrics = ServiceMetrics("test")
-    server = FramedServer(
-        "test",
-        _never,
-        host="127.0.0.1",
-        port=0,
-        metrics=metrics,
-        log=get_logger("test"),
-        max_frame=64,
-        inline=lambda payload, _peer: payload,
-    )
+    server = _inline_server(metrics, max_frame=64)
     port = await nursery.start(server.run)
     client = await RawIsoClient.connect(port)
     good = encode_frame(b"whole", HeaderKind.BINARY2)
     await client.send_raw(good + b"\xff\xff" + b"x" * 10)  # then a length above max_frame
-    assert await _read_exactly(client, len(good)) == good
+    assert await _read_exactly(client, len(good)) == encode_frame(b"WHOLE", HeaderKind.BINARY2)
     assert await client.is_closed_by_peer(timeout=5)
     assert metrics.frames_rejected.labels("framing")._value.get() == 1
     server.shutdown(0)
