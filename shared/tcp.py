@@ -25,6 +25,8 @@ from shared.ratelimit import ConnectionLimiter
 
 T = TypeVar("T")
 _READ_SIZE = 65536
+#: Inline frames answered between two checkpoints (their answers then leave together).
+_INLINE_BATCH = 128
 
 #: A request handler: one whole frame payload in, the response payload out (None: no answer).
 FrameHandler = Callable[[bytes, str], Awaitable[bytes | None]]
@@ -59,8 +61,9 @@ class FramedServer:
 
     With ``inline``, frames are answered by that synchronous function in the reading task
     instead, one after the other in arrival order, and the answers to every frame of one read
-    go out in one send. This is for handlers that are pure CPU work of microseconds (the
-    HSM), where a task, a cancel scope and a send per frame cost more than the work itself.
+    go out in one send (every 128 frames at most, so one large read cannot hold the event
+    loop). This is for handlers that are pure CPU work of microseconds (the HSM), where a
+    task, a cancel scope and a send per frame cost more than the work itself.
     Reading pauses while the answers are sent, which is the back-pressure; a framing error
     still answers the whole frames before it. ``handler`` is then unused.
     """
@@ -242,6 +245,7 @@ class FramedServer:
             parser.feed(data)
             served = False
             answers: list[bytes] = []  # inline answers of this read, sent together
+            inline_count = 0
             sent = True
             try:
                 while True:
@@ -262,6 +266,15 @@ class FramedServer:
                         out = self._answer_inline(frame, peer)
                         if out is not None:
                             answers.append(out)
+                        inline_count += 1
+                        if inline_count % _INLINE_BATCH == 0:
+                            # One read can hold thousands of small frames: send what is
+                            # answered so far, a checkpoint, so that others get their turn.
+                            batch, answers = answers, []
+                            if not batch:
+                                await trio.lowlevel.checkpoint()
+                            elif not await _send_quietly(sender, b"".join(batch)):
+                                return
                         continue
                     await slots.acquire()
                     nursery.start_soon(self._handle_one, peer, frame, sender, slots)
