@@ -308,6 +308,7 @@ _POSTING = table_of(Posting)
 _RECORDED_FOR = select(
     _PR.c.idempotency_key, _PR.c.mti, _PR.c.request_digest, _PR.c.response_code, _PR.c.response_json
 ).where(_PR.c.idempotency_key.in_(bindparam("keys", expanding=True)))
+# Cards by PAN hash: the hash, then the fields of a CardRef in its order.
 _CARDS_FOR = select(
     _CARD.c.pan_hash,
     _CARD.c.id,
@@ -361,9 +362,9 @@ class BillingStore:
 
     def lookup_card(self, pan_hash: str) -> CardRef | None:
         """The card with this PAN hash, or None (the handler answers ``14``)."""
-        with _infrastructure_errors(), transaction(self._sessions, write=False) as session:
-            card = session.scalars(select(Card).where(Card.pan_hash == pan_hash)).one_or_none()
-            return None if card is None else _card_ref(card)
+        with _infrastructure_errors(), connection_transaction(self._engine, write=False) as conn:
+            row = conn.execute(_CARDS_FOR, {"hashes": [pan_hash]}).first()
+        return None if row is None else CardRef(*row[1:])
 
     def replay(self, idempotency_key: str, request_digest: str) -> StoredResponse | None:
         """What was answered to this key before, if anything.
@@ -936,17 +937,6 @@ def _posting_row(request: PaymentRequest, now: datetime) -> dict[str, object]:
         "status": POSTING_POSTED,
         "created_at": now,
     }
-
-
-def _card_ref(card: Card) -> CardRef:
-    return CardRef(
-        card_id=card.id,
-        customer_id=card.customer_id,
-        pan_masked=card.pan_masked,
-        pvki=card.pvki,
-        pvv=card.pvv,
-        status=card.status,
-    )
 
 
 def _posting_record(posting: Posting) -> PostingRecord:
