@@ -18,9 +18,19 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
+from prometheus_client import Gauge
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing.ledger import (
+    LedgerGuard,
+    LedgerLost,
+    Start,
+    decide_start,
+    new_ledger_id,
+    read_marker,
+    write_marker,
+)
 from billing.models import CARD_ACTIVE, Bill
 from billing.store import (
     BillingStore,
@@ -38,6 +48,7 @@ from shared.codes import RC
 from shared.db import DatabaseError, transaction
 from shared.errors import UpstreamError
 from shared.group_commit import GroupCommit
+from shared.http import HealthCheck
 from shared.messages import (
     MTI_ADVICE,
     MTI_ADVICE_REPEAT,
@@ -117,19 +128,71 @@ class BillingService(IsoService):
         self._postings: GroupCommit[PaymentRequest, PaymentResult] = GroupCommit(
             self._posting_batch
         )
+        #: Checks that the database is still the ledger opened at start (billing.ledger).
+        self.guard: LedgerGuard | None = None
+        self._lost_reported = False
+        self.ledger_lost_gauge = Gauge(
+            "paylab_billing_ledger_lost",
+            "1 once billing found its database deleted or replaced while running (it then "
+            "answers 91 to everything until restarted)",
+            registry=self.metrics.registry,
+        )
 
     # -- set-up -------------------------------------------------------------------------------
     def prepare_database(self, sessions: sessionmaker[Session]) -> None:
+        """Open the ledger (see :mod:`billing.ledger`): a new network's ledger is created and
+        seeded with the demo data; a ledger this data directory served before must be the
+        one found, or billing refuses to start (:class:`~billing.ledger.LedgerLost`)."""
+        assert self.engine is not None
         self.store = BillingStore(sessions)
+        decision = decide_start(self.store, read_marker(self.settings.data_dir))
+        ledger_id = decision.ledger_id
+        if ledger_id is None:
+            ledger_id = new_ledger_id()
+            if decision.start is Start.NEW:
+                self.seed(self.store)
+            self.store.create_ledger(ledger_id)
+            self.log.info("ledger_created", ledger=ledger_id, start=decision.start.value)
+        write_marker(self.settings.data_dir, ledger_id)
+        self.guard = LedgerGuard(self.engine, ledger_id)
+        self.store.set_guard(self.guard.check)
+        with transaction(sessions, write=False) as session:
+            billers = session.scalars(select(Bill.biller).distinct()).all()
+        self.business.add_billers(billers)
+
+    def seed(self, store: BillingStore) -> None:
+        """Load the demo customers, cards and bills (a new ledger only)."""
         pvk = self.keys.keys["PVK"].clear
-        seeded = self.store.seed_demo_data(
+        seeded = store.seed_demo_data(
             self.pan_hash, lambda pan, pvki, pin: crypto.pvv(pvk, pan, pvki, pin)
         )
         if seeded:
             self.log.info("demo_data_seeded")
-        with transaction(sessions, write=False) as session:
-            billers = session.scalars(select(Bill.biller).distinct()).all()
-        self.business.add_billers(billers)
+
+    def health_checks(self) -> dict[str, HealthCheck]:
+        checks = super().health_checks()
+        checks["ledger"] = self._ledger_check
+        return checks
+
+    async def _ledger_check(self) -> tuple[bool, str]:
+        guard, store = self.guard, self.store
+        if guard is None or store is None:
+            return False, "not open"
+        try:
+            await self.in_db_thread(store.check_ledger)
+        except LedgerLost as exc:
+            self._ledger_lost(exc)
+            return False, f"LOST: {exc}"
+        except DatabaseError:
+            return False, "cannot be read"
+        return True, f"ledger {guard.ledger_id}"
+
+    def _ledger_lost(self, exc: LedgerLost) -> None:
+        """Say so, loudly, once; from now on every request is answered 91."""
+        if not self._lost_reported:
+            self._lost_reported = True
+            self.ledger_lost_gauge.set(1)
+            self.log.critical("ledger_lost", reason=str(exc))
 
     # -- batched database calls ---------------------------------------------------------------
     async def _read_batch(
@@ -153,6 +216,8 @@ class BillingService(IsoService):
         try:
             if mti == MTI_NETWORK:
                 return make_response(msg, RC.APPROVED)
+            if self.guard is not None:
+                self.guard.check_file()  # one stat: a deleted database answers nothing
             if mti == MTI_FINANCIAL and msg["3"] == PC_BILL_INQUIRY:
                 return await self._inquiry(msg)
             if mti == MTI_FINANCIAL:
@@ -166,6 +231,11 @@ class BillingService(IsoService):
             # repeat of the same request gets a real answer later.
             self.log.warning("hsm_unavailable", error=type(exc).__name__)
             return self._failed(msg, RC.SYSTEM_MALFUNCTION)
+        except LedgerLost as exc:
+            # The database is not the ledger billing served: nothing it holds can be trusted
+            # (a posting made now would vanish with it). Inoperative until an operator acts.
+            self._ledger_lost(exc)
+            return self._failed(msg, RC.ISSUER_INOPERATIVE)
         except DatabaseError as exc:
             # The biller cannot post: it is inoperative (91), a transient condition the
             # gateway may retry. Nothing was committed (one transaction per request), so

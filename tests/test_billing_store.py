@@ -145,7 +145,7 @@ def test_upgrade_twice_is_harmless(engine: Engine, store: BillingStore) -> None:
     upgrade(engine.url.render_as_string(hide_password=False), MIGRATIONS)
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-        assert context.get_current_revision() == "0001"
+        assert context.get_current_revision() == "0002"
     assert store.postings_count() == 1
     assert store.seed_demo_data(pan_hash, fake_pvv) is False
 
@@ -161,7 +161,7 @@ def test_foreign_keys_are_enforced_after_upgrade(engine: Engine) -> None:
 
 def test_migration_creates_exactly_the_model_tables(engine: Engine) -> None:
     tables = set(inspect(engine).get_table_names())
-    assert tables == {"customers", "cards", "bills", "postings", "processed_requests"} | {
+    assert tables == {"customers", "cards", "bills", "postings", "processed_requests", "ledger"} | {
         VERSION_TABLE
     }
     with engine.connect() as conn:
