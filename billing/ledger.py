@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -93,14 +94,43 @@ def decide(*, db_ledger: str | None, db_has_data: bool, marker: str | None) -> D
     return Decision(Start.SAME, db_ledger)
 
 
-class _LedgerState(Protocol):
+class LedgerStore(Protocol):
+    """What :func:`open_ledger` needs of :class:`billing.store.BillingStore`."""
+
     def ledger_state(self) -> tuple[str | None, bool]: ...
 
+    def create_ledger(self, ledger_id: str, *, replace: bool = False) -> None: ...
 
-def decide_start(store: _LedgerState, marker: str | None) -> Decision:
-    """:func:`decide` on what ``store`` holds (its ledger id, whether it has data)."""
+
+def open_ledger(
+    store: LedgerStore,
+    data_dir: Path,
+    seed: Callable[[], object],
+    *,
+    new_ledger: bool = False,
+) -> tuple[Start, str]:
+    """Open the ledger billing is to serve: the start it was, and its id.
+
+    Applies :func:`decide` to the database and the marker; a new ledger gets an id and
+    ``seed()`` (the demo data) is called for it; the marker is written last. With
+    ``new_ledger`` (an operator's ``paylab db seed --new-ledger``) the marker's ledger is
+    given up on purpose: the database found is served (seeded if empty), whatever the
+    marker said.
+
+    Raises:
+        LedgerLost: see :func:`decide` (never with ``new_ledger``).
+    """
     db_ledger, has_data = store.ledger_state()
-    return decide(db_ledger=db_ledger, db_has_data=has_data, marker=marker)
+    marker = None if new_ledger else read_marker(data_dir)
+    decision = decide(db_ledger=db_ledger, db_has_data=has_data, marker=marker)
+    ledger_id = decision.ledger_id
+    if ledger_id is None:
+        ledger_id = new_ledger_id()
+        if decision.start is Start.NEW:
+            seed()
+        store.create_ledger(ledger_id)
+    write_marker(data_dir, ledger_id)
+    return decision.start, ledger_id
 
 
 def new_ledger_id() -> str:

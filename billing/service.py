@@ -22,15 +22,7 @@ from prometheus_client import Gauge
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from billing.ledger import (
-    LedgerGuard,
-    LedgerLost,
-    Start,
-    decide_start,
-    new_ledger_id,
-    read_marker,
-    write_marker,
-)
+from billing.ledger import LedgerGuard, LedgerLost, Start, open_ledger
 from billing.models import CARD_ACTIVE, Bill
 from billing.store import (
     BillingStore,
@@ -144,30 +136,19 @@ class BillingService(IsoService):
         seeded with the demo data; a ledger this data directory served before must be the
         one found, or billing refuses to start (:class:`~billing.ledger.LedgerLost`)."""
         assert self.engine is not None
-        self.store = BillingStore(sessions)
-        decision = decide_start(self.store, read_marker(self.settings.data_dir))
-        ledger_id = decision.ledger_id
-        if ledger_id is None:
-            ledger_id = new_ledger_id()
-            if decision.start is Start.NEW:
-                self.seed(self.store)
-            self.store.create_ledger(ledger_id)
-            self.log.info("ledger_created", ledger=ledger_id, start=decision.start.value)
-        write_marker(self.settings.data_dir, ledger_id)
+        store = self.store = BillingStore(sessions)
+        start, ledger_id = open_ledger(
+            store, self.settings.data_dir, lambda: seed_demo(store, self.settings, self.keys)
+        )
+        if start is not Start.SAME:
+            self.log.info("ledger_created", ledger=ledger_id, start=start.value)
+        if start is Start.NEW:
+            self.log.info("demo_data_seeded")
         self.guard = LedgerGuard(self.engine, ledger_id)
-        self.store.set_guard(self.guard.check)
+        store.set_guard(self.guard.check)
         with transaction(sessions, write=False) as session:
             billers = session.scalars(select(Bill.biller).distinct()).all()
         self.business.add_billers(billers)
-
-    def seed(self, store: BillingStore) -> None:
-        """Load the demo customers, cards and bills (a new ledger only)."""
-        pvk = self.keys.keys["PVK"].clear
-        seeded = store.seed_demo_data(
-            self.pan_hash, lambda pan, pvki, pin: crypto.pvv(pvk, pan, pvki, pin)
-        )
-        if seeded:
-            self.log.info("demo_data_seeded")
 
     def health_checks(self) -> dict[str, HealthCheck]:
         checks = super().health_checks()
@@ -341,6 +322,15 @@ class BillingService(IsoService):
         if not res.replayed:
             self.business.reversals.labels(res.code).inc()
         return make_response(msg, res.code)
+
+
+def seed_demo(store: BillingStore, settings: Settings, keys: KeyFile) -> bool:
+    """Load the demo customers, cards and bills (:mod:`billing.demo_data`) into ``store``
+    if it has none: PANs hashed with the settings' key, PVVs made with the key file's PVK.
+    True when it seeded."""
+    pan_hash = PanHasher(settings.pan_hash_key.encode())
+    pvk = keys.keys["PVK"].clear
+    return store.seed_demo_data(pan_hash, lambda pan, pvki, pin: crypto.pvv(pvk, pan, pvki, pin))
 
 
 def _source(mti: str) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Final
 
 from sqlalchemy import Engine, inspect, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -691,10 +692,13 @@ def reconcile_databases(
     Raises:
         DatabaseError: a database failed.
     """
-    from sqlalchemy.engine import make_url
-
     from shared.db import make_engine
 
+    for name, url in (("gateway", gateway_url), ("billing", billing_url)):
+        if _missing_sqlite(url):
+            # Opening it would create an empty file: a vanished ledger must be said, not
+            # reconciled against nothing.
+            raise DatabaseError(f"{name}'s database {make_url(url).database} does not exist")
     engines: list[Engine] = []
     try:
         gateway_engine = make_engine(gateway_url)
@@ -702,17 +706,10 @@ def reconcile_databases(
         billing_engine = make_engine(billing_url)
         engines.append(billing_engine)
         clients: list[ClientFact] | None = None
-        if acquirer_url is not None:
-            parsed = make_url(acquirer_url)
-            missing = (
-                parsed.get_backend_name() == "sqlite"
-                and parsed.database is not None
-                and not Path(parsed.database).exists()
-            )
-            if not missing:
-                acquirer_engine = make_engine(acquirer_url)
-                engines.append(acquirer_engine)
-                clients = load_client_facts(acquirer_engine)
+        if acquirer_url is not None and not _missing_sqlite(acquirer_url):
+            acquirer_engine = make_engine(acquirer_url)
+            engines.append(acquirer_engine)
+            clients = load_client_facts(acquirer_engine)
         return reconcile(
             load_gateway_facts(session_factory(gateway_engine)),
             load_postings(billing_engine),
@@ -721,3 +718,13 @@ def reconcile_databases(
     finally:
         for engine in engines:
             engine.dispose()
+
+
+def _missing_sqlite(url: str) -> bool:
+    """True for the URL of a SQLite file that does not exist."""
+    parsed = make_url(url)
+    return (
+        parsed.get_backend_name() == "sqlite"
+        and parsed.database is not None
+        and not Path(parsed.database).exists()
+    )

@@ -628,7 +628,10 @@ def demo(
             shutil.rmtree(directory, ignore_errors=True)
     summary = summarize(tally, facts, postings, report, depth)
     out.print()
-    out.print("[bold]reconciliation[/] (gateway journal and queue against billing's postings)")
+    out.print(
+        "[bold]reconciliation[/] (clients' answers, the gateway's journal and queue, "
+        "billing's postings)"
+    )
     for line in summary.lines():
         out.print(f"  {line}", markup=False)
     out.print(f"  took {time.monotonic() - started:.0f} s", markup=False)

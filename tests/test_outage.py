@@ -9,6 +9,9 @@ re-send the same bytes (same STAN, same field 7), and ends with a count made fro
 billing's database compared with ``paylab reconcile``.
 
 Each test prints its figures (payments, approved, posted, reversed, lost, duplicated).
+The whole file takes two to three minutes on two cores; ``PAYLAB_OUTAGE_SCALE=5`` makes
+every run five times longer (4,000 payments in the first), outside CI:
+``PAYLAB_OUTAGE_SCALE=5 pytest -s tests/test_outage.py``.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ OUTAGE_SETTINGS: dict[str, Any] = {
 }
 #: Seconds a terminal waits for an answer (the acquirer's own deadline is 4 s).
 ANSWER_TIMEOUT = 7.0
+#: Payments per test are multiplied by this (a longer run outside CI).
+SCALE = max(1, int(os.environ.get("PAYLAB_OUTAGE_SCALE", "1")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,9 +100,7 @@ class Terminal:
         try:
             if self._client is None:
                 self._client = await RawIsoClient.connect(self.port)
-            await self._client.stream.send_all(
-                encode_frame(payment.raw, HeaderKind.BINARY2, 65535)
-            )
+            await self._client.stream.send_all(encode_frame(payment.raw, HeaderKind.BINARY2, 65535))
             _, answer = await self._client.receive(ANSWER_TIMEOUT)
         except (OSError, EOFError, trio.BrokenResourceError, trio.TooSlowError):
             await self._drop()
@@ -316,7 +319,7 @@ async def test_billing_frozen_then_gateway_killed_resends_never_approve_a_revers
     the gateway SIGKILLed and restarted; every terminal without a final answer re-sends,
     once before the queue has drained and once after. A re-send of a reversed payment is
     answered 68 again by the restarted gateway, never 00."""
-    bills = bill_numbers("FRZ", 800)
+    bills = bill_numbers("FRZ", 800 * SCALE)
     lab = outage_lab(labs, tmp_path, bills)
     await start(lab, "hsm", "billing", "gateway", "acquirer")
     gateway_url = lab.settings().db_url("gateway")
@@ -359,7 +362,7 @@ async def test_billing_frozen_then_gateway_killed_resends_never_approve_a_revers
 async def test_services_killed_under_load_keep_the_money_rule(
     tmp_path: Path, labs: list[Lab]
 ) -> None:
-    bills = bill_numbers("KIL", 600)
+    bills = bill_numbers("KIL", 600 * SCALE)
     lab = outage_lab(labs, tmp_path, bills)
     await start(lab, "hsm", "billing", "gateway", "acquirer")
     fleet = Fleet(lab.iso_port("acquirer"), bills, terminals=12, prefix="KIL")
@@ -421,7 +424,7 @@ async def test_gateway_disk_full_withholds_approvals_and_reconciles_clean(
     disk = tmp_path / "gateway-disk"
     _mount_tmpfs(disk, "8m")
     try:
-        bills = bill_numbers("DSK", 300)
+        bills = bill_numbers("DSK", 300 * SCALE)
         lab = outage_lab(labs, tmp_path, bills, gateway_db_url=f"sqlite:///{disk}/gateway.db")
         await start(lab, "hsm", "billing", "gateway", "acquirer")
         fleet = Fleet(lab.iso_port("acquirer"), bills, terminals=6, prefix="DSK")
@@ -481,7 +484,7 @@ async def test_billing_database_deleted_is_said_loudly_and_never_reseeded(
     with a failing /health and a critical log line; restarted, it refuses to serve an
     empty ledger (no demo data seeded again); reconciliation reports the lost payments;
     once the database is restored, everything reconciles."""
-    bills = bill_numbers("DEL", 200)
+    bills = bill_numbers("DEL", 200 * SCALE)
     lab = outage_lab(labs, tmp_path, bills)
     await start(lab, "hsm", "billing", "gateway", "acquirer")
     settings = lab.settings()
