@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from shared import codec, crypto
-from shared.messages import (
+from shared import crypto
+from shared.iso import codec
+from shared.iso.messages import (
     MTI_FINANCIAL,
     MTI_REVERSAL,
     PC_BILL_INQUIRY,

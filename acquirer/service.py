@@ -27,12 +27,10 @@ from acquirer.builder import RequestBuilder, Terminal
 from acquirer.store import TransactionStore
 from gateway.journal import status_of
 from hsm.keyfile import KeyFile, load_key_file
-from shared import codec
-from shared.auth import public
-from shared.codes import RC, describe
 from shared.errors import UpstreamError
-from shared.http import json_error
-from shared.messages import (
+from shared.iso import codec
+from shared.iso.codes import RC, describe
+from shared.iso.messages import (
     MTI_ADVICE,
     MTI_FINANCIAL,
     MTI_NETWORK,
@@ -44,8 +42,10 @@ from shared.messages import (
     make_response,
     match_key,
 )
-from shared.service import IsoDialect, IsoFrame, IsoService, decode_iso_keyed
-from shared.settings import Settings
+from shared.ops.settings import Settings
+from shared.server.auth import public
+from shared.server.http import json_error
+from shared.server.service import IsoDialect, IsoFrame, IsoService, decode_iso_keyed
 
 
 class AcquirerService(IsoService):

@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from acquirer.models import Transaction
-from shared.db import transaction
 from shared.pan import mask_pan
+from shared.store.db import transaction
 
 
 class TransactionStore:

@@ -34,11 +34,9 @@ from billing.store import (
 from hsm.client import HsmClient, HsmCommandFailed, HsmDialect, decode_hsm_keyed
 from hsm.keyfile import KeyFile, load_key_file
 from shared import crypto
-from shared.codes import RC
-from shared.db import DatabaseError, transaction
 from shared.errors import UpstreamError
-from shared.group_commit import GroupCommit
-from shared.messages import (
+from shared.iso.codes import RC
+from shared.iso.messages import (
     MTI_ADVICE,
     MTI_ADVICE_REPEAT,
     MTI_FINANCIAL,
@@ -51,10 +49,12 @@ from shared.messages import (
     make_response,
     original_key,
 )
-from shared.metrics import UNKNOWN_BILLER, BusinessMetrics
+from shared.ops.metrics import UNKNOWN_BILLER, BusinessMetrics
+from shared.ops.settings import Settings
 from shared.pan import PanHasher, account_number_12, mask_pan
-from shared.service import IsoFrame, IsoService
-from shared.settings import Settings
+from shared.server.service import IsoFrame, IsoService
+from shared.store.db import DatabaseError, transaction
+from shared.store.group_commit import GroupCommit
 
 
 def request_digest(msg: Mapping[str, str]) -> str:

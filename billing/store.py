@@ -60,9 +60,9 @@ from billing.models import (
     ProcessedRequest,
     utcnow,
 )
-from shared.codes import RC
-from shared.db import DatabaseError, connection_transaction, engine_of, table_of, transaction
+from shared.iso.codes import RC
 from shared.pan import mask_pan
+from shared.store.db import DatabaseError, connection_transaction, engine_of, table_of, transaction
 
 __all__ = [
     "ADVICE_MTIS",

@@ -26,15 +26,15 @@ import trio
 from gateway.journal import journal_row
 from gateway.metrics import SafMetrics
 from gateway.saf import Claimed, Outcome, SafState, SafStore, after_attempt
-from shared import codec
 from shared.errors import DecodeError, UpstreamError
-from shared.group_commit import GroupCommit
-from shared.iso_link import IsoFrame
-from shared.messages import match_key
+from shared.iso import codec
+from shared.iso.messages import match_key
+from shared.net.iso_link import IsoFrame
+from shared.net.upstream import Upstream
+from shared.ops.settings import Settings
 from shared.pan import PanHasher
-from shared.service import retry_policy
-from shared.settings import Settings
-from shared.upstream import Upstream
+from shared.server.service import retry_policy
+from shared.store.group_commit import GroupCommit
 
 R = TypeVar("R")
 #: What one delivery leaves to record: entry id, outcome, journal rows.

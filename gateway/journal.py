@@ -17,15 +17,15 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.models import JournalEntry
-from shared.codes import RC
-from shared.db import connection_transaction, engine_of, table_of, transaction
-from shared.messages import (
+from shared.iso.codes import RC
+from shared.iso.messages import (
     MTI_REVERSAL,
     MTI_REVERSAL_REPEAT,
     idempotency_key,
     original_key,
 )
 from shared.pan import PanHasher, mask_pan
+from shared.store.db import connection_transaction, engine_of, table_of, transaction
 
 
 def status_of(code: str) -> str:

@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shared.db import NAMING_CONVENTION
+from shared.store.db import NAMING_CONVENTION
 
 
 class Base(DeclarativeBase):

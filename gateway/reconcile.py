@@ -22,9 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from billing.models import POSTING_POSTED, POSTING_REVERSED, Posting
 from gateway.models import JournalEntry, SafEntry
 from gateway.saf import KIND_ADVICE, KIND_REVERSAL, SafState
-from shared.codes import RC
-from shared.db import DatabaseError, session_factory, transaction
-from shared.messages import (
+from shared.iso.codes import RC
+from shared.iso.messages import (
     MTI_ADVICE,
     MTI_ADVICE_REPEAT,
     MTI_FINANCIAL,
@@ -32,6 +31,7 @@ from shared.messages import (
     MTI_REVERSAL_REPEAT,
     PC_BILL_PAYMENT,
 )
+from shared.store.db import DatabaseError, session_factory, transaction
 
 __all__ = [
     "APPROVED_ONLINE",

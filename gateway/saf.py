@@ -76,19 +76,19 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.models import JournalEntry, SafEntry
-from shared import codec
-from shared.codes import is_transient
-from shared.db import DatabaseError, transaction
 from shared.errors import DecodeError, PaylabError
-from shared.messages import (
+from shared.iso import codec
+from shared.iso.codes import is_transient
+from shared.iso.messages import (
     MTI_ADVICE,
     MTI_ADVICE_REPEAT,
     MTI_REVERSAL,
     MTI_REVERSAL_REPEAT,
 )
-from shared.messages import idempotency_key as message_key
-from shared.messages import original_key as reversal_original_key
-from shared.vault import Vault, VaultError
+from shared.iso.messages import idempotency_key as message_key
+from shared.iso.messages import original_key as reversal_original_key
+from shared.store.db import DatabaseError, transaction
+from shared.store.vault import Vault, VaultError
 
 __all__ = [
     "ALLOWED",

@@ -14,7 +14,7 @@ from collections.abc import Hashable
 from hsm import protocol
 from hsm.protocol import HsmResponse
 from shared.errors import UpstreamError
-from shared.upstream import Upstream
+from shared.net.upstream import Upstream
 
 
 class HsmCommandFailed(UpstreamError):

@@ -37,11 +37,11 @@ from billing.demo_data import (
     generated_bill_number,
 )
 from hsm.keyfile import load_key_file
-from shared import codec
-from shared.codes import describe
 from shared.errors import FramingError
-from shared.framing import FrameParser, HeaderKind, encode_frame
-from shared.messages import Message
+from shared.iso import codec
+from shared.iso.codes import describe
+from shared.iso.framing import FrameParser, HeaderKind, encode_frame
+from shared.iso.messages import Message
 
 __all__ = [
     "DEFAULT_ISO_PORT",

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.backoff import Backoff, ReconnectDelay, RetryState
+from shared.resilience.backoff import Backoff, ReconnectDelay, RetryState
 
 
 def _never() -> float:

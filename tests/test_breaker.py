@@ -11,7 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from shared.breaker import (
+from shared.resilience.breaker import (
     BreakerConfig,
     BreakerSnapshot,
     BreakerState,

@@ -159,8 +159,8 @@ def test_sigkill_loses_no_posting_and_a_replay_posts_nothing(
     """A payment approved before a crash is on disk after it; its replay is answered the same."""
     import trio
 
-    from shared import codec
-    from shared.framing import FrameParser, encode_frame
+    from shared.iso import codec
+    from shared.iso.framing import FrameParser, encode_frame
     from tests.support import DEMO_PAN, DEMO_PIN, terminal_builder
 
     request = terminal_builder("KILLTEST").payment("PDAM-0001", 89900, DEMO_PAN, DEMO_PIN)

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hsm.keyfile import load_key_file
-from shared import codec
 from shared.errors import DecodeError, ValidationError
-from shared.messages import Message, make_response
+from shared.iso import codec
+from shared.iso.messages import Message, make_response
 from tests.support import terminal_builder
 
 KEYS = load_key_file()

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import codec
 from shared.errors import DecodeError, ValidationError
-from shared.spec import SPEC
+from shared.iso import codec
+from shared.iso.spec import SPEC
 from tests.test_codec import BAD_PAYLOADS, MESSAGES
 
 FIELDS = [n for n in range(2, 129) if n != 65]

@@ -20,8 +20,8 @@ from gateway.reconcile import (
     PostingFact,
     reconcile,
 )
-from shared.demo import Plan, Summary, Tally, caption_for, must_stop_traffic, summarize
-from shared.network import Network
+from shared.lab.demo import Plan, Summary, Tally, caption_for, must_stop_traffic, summarize
+from shared.lab.network import Network
 from tests.support import lab_settings
 
 PAYLAB = [sys.executable, "-m", "shared.cli"]

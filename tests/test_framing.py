@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import FramingError
-from shared.framing import DEFAULT_MAX_FRAME, FrameParser, HeaderKind, encode_frame
+from shared.iso.framing import DEFAULT_MAX_FRAME, FrameParser, HeaderKind, encode_frame
 
 KINDS = [HeaderKind.BINARY2, HeaderKind.ASCII4]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from shared.metrics import series
+from shared.ops.metrics import series
 
 
 def test_a_remembered_child_is_the_metric_child() -> None:

@@ -8,7 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.ratelimit import ConnectionLimiter, KeyedRateLimiter, TokenBucket, WindowCounter
+from shared.resilience.ratelimit import (
+    ConnectionLimiter,
+    KeyedRateLimiter,
+    TokenBucket,
+    WindowCounter,
+)
 
 
 class FakeClock:

@@ -24,11 +24,11 @@ from gateway.reconcile import (
     reconcile,
 )
 from gateway.saf import NewEntry, Outcome, SafState, SafStore
-from shared import codec
-from shared.db import make_engine, session_factory, transaction, upgrade
-from shared.messages import idempotency_key
+from shared.iso import codec
+from shared.iso.messages import idempotency_key
 from shared.pan import PanHasher, mask_pan
-from shared.vault import Vault
+from shared.store.db import make_engine, session_factory, transaction, upgrade
+from shared.store.vault import Vault
 
 K = "12345|TERM0001|000001|1129100000"
 AMOUNT = 150_000

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.scenario import (
+from shared.lab.scenario import (
     NO_ANSWER,
     BreakerCondition,
     BurstStep,
@@ -34,7 +34,7 @@ from shared.scenario import (
     parse_count,
     postings_posted_twice,
 )
-from shared.settings import Settings
+from shared.ops.settings import Settings
 
 SHIPPED = sorted((Path(__file__).parent.parent / "docs" / "scenarios").glob("*.json"))
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.scenario import Report, StepResult, load_scenario
-from shared.scenario_cli import load_file, shipped_files
-from shared.scenario_runner import run_self_started
+from shared.cli.scenarios import load_file, shipped_files
+from shared.lab.scenario import Report, StepResult, load_scenario
+from shared.lab.scenario_runner import run_self_started
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = shipped_files()

@@ -34,13 +34,14 @@ from billing.store import BillingStore
 from gateway.models import SafEntry
 from gateway.reconcile import Report, load_gateway_facts, load_postings, reconcile
 from gateway.service import GatewayService
-from shared import codec, crypto
-from shared.db import make_engine, session_factory, transaction, upgrade
-from shared.framing import FrameParser, encode_frame
-from shared.messages import Message, idempotency_key, make_response, original_key
-from shared.network import Network
+from shared import crypto
+from shared.iso import codec
+from shared.iso.framing import FrameParser, encode_frame
+from shared.iso.messages import Message, idempotency_key, make_response, original_key
+from shared.lab.network import Network
+from shared.ops.settings import SERVICES, Settings
 from shared.pan import PanHasher
-from shared.settings import SERVICES, Settings
+from shared.store.db import make_engine, session_factory, transaction, upgrade
 from tests.support import (
     DEMO_PAN,
     DEMO_PIN,

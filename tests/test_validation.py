@@ -7,10 +7,10 @@ from collections.abc import Callable
 import pytest
 
 from hsm.keyfile import load_key_file
-from shared import codec
 from shared.errors import ValidationError
-from shared.messages import Message
-from shared.validation import FIELD_RULES, MANDATORY, validate_request, validate_response
+from shared.iso import codec
+from shared.iso.messages import Message
+from shared.iso.validation import FIELD_RULES, MANDATORY, validate_request, validate_response
 from tests.support import terminal_builder
 
 KEYS = load_key_file()

@@ -9,6 +9,6 @@ engine built from the ``sqlalchemy.url`` main option when there is none), with
 from __future__ import annotations
 
 from billing.models import Base
-from shared.alembic_env import run_env
+from shared.store.alembic_env import run_env
 
 run_env("billing", Base.metadata)

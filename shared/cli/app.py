@@ -1,0 +1,759 @@
+"""The ``paylab`` command line (typer + rich).
+
+Every command turns expected failures (nothing listening, a port in use, a bad value)
+into one clear line and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from billing.demo_data import DEMO_CARD
+from shared.cli.scenarios import scenarios_app
+from shared.errors import PaylabError
+from shared.ops.settings import SERVICES, Settings, load_settings
+
+app = typer.Typer(
+    name="paylab",
+    help="paylab: an ISO-8583 bill-payment network simulator.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+breaker_app = typer.Typer(help="Circuit breakers of the gateway's upstreams.", no_args_is_help=True)
+app.add_typer(breaker_app, name="breaker")
+saf_app = typer.Typer(help="The gateway's store-and-forward queue.", no_args_is_help=True)
+app.add_typer(saf_app, name="saf")
+bills_app = typer.Typer(help="Bills in billing's database.", no_args_is_help=True)
+app.add_typer(bills_app, name="bills")
+app.add_typer(scenarios_app, name="scenarios")
+
+
+class _Console(Console):
+    """A console that falls silent when its reader goes away (``paylab pay | head -1``).
+
+    rich's default exits with status 1 on a broken pipe, which would hide the outcome a
+    script reads from the exit code; here the output is dropped and the command goes on.
+    """
+
+    def on_broken_pipe(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, (sys.stderr if self.stderr else sys.stdout).fileno())
+        os.close(devnull)
+        self.quiet = True
+
+
+out = _Console()
+err = _Console(stderr=True)
+
+DEMO_PAN, DEMO_PIN = DEMO_CARD.pan, DEMO_CARD.pin
+
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="Where the SQLite files go (default ./var).")
+]
+Url = Annotated[
+    str | None,
+    typer.Option("--url", help="Acquirer HTTP API (default http://<host>:<acquirer_http_port>)."),
+]
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one line to stderr and exit."""
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def _settings(data_dir: Path | None = None) -> Settings:
+    try:
+        overrides: dict[str, Any] = {}
+        if data_dir is not None:
+            overrides["data_dir"] = data_dir
+        return load_settings(**overrides)
+    except Exception as exc:  # pydantic's ValidationError: show it as a configuration error
+        fail(f"invalid configuration: {exc}")
+        raise  # unreachable
+
+
+def _run_network(names: tuple[str, ...], data_dir: Path | None, chaos: bool = False) -> None:
+    import trio
+
+    from shared.lab.network import Network, run_until_signal
+    from shared.ops.log import configure_logging
+
+    settings = _settings(data_dir)
+    configure_logging(settings.log_level, settings.log_format)
+
+    def started(ports: dict[str, Any]) -> None:
+        table = Table(title="paylab is running", show_lines=False)
+        table.add_column("service")
+        table.add_column("HTTP")
+        table.add_column("ISO-8583 / TCP")
+        for name, p in ports.items():
+            table.add_row(name, f"http://{settings.host}:{p.http}", f"{settings.host}:{p.iso}")
+        err.print(table)
+        if network.chaos is not None:
+            from shared.cli.chaos import show_chaos_start
+
+            show_chaos_start(network, settings.host)
+        if "acquirer" in ports:
+            err.print("Make a first payment from another terminal, in this folder:")
+            err.print(
+                f"  [bold]{_self_command()} pay --bill PLN-0001 --amount 150000[/]", soft_wrap=True
+            )
+        err.print("Ctrl-C stops the network (in-flight requests are answered first).")
+
+    try:
+        network = Network(settings, names, chaos=chaos)
+        trio.run(run_until_signal, network, started)
+    except* (OSError, PaylabError) as group:
+        exc: BaseException = group.exceptions[0]
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            fail(f"a port is already in use ({exc.strerror}); is paylab already running?")
+        fail(f"cannot start: {exc}")
+
+
+def _self_command() -> str:
+    """How this ``paylab`` was invoked, so the hint works inside a virtual environment."""
+    exe = Path(sys.argv[0])
+    if (
+        exe.name == "paylab"
+        and exe.parent != Path()
+        and str(exe.parent) not in os.environ.get("PATH", "").split(os.pathsep)
+    ):
+        return str(exe)
+    return "paylab"
+
+
+@app.command()
+def up(
+    data_dir: DataDir = None,
+    processes: Annotated[
+        bool,
+        typer.Option("--processes", help="Run each service in its own process (uses every core)."),
+    ] = False,
+    chaos: Annotated[
+        bool,
+        typer.Option("--chaos", help="Put fault-injection proxies between the services."),
+    ] = False,
+) -> None:
+    """Start all four services in one process (SQLite under ./var by default).
+
+    With --processes each service runs as `python -m shared.cli <service>`, started in
+    order (each healthy before the next) and stopped in reverse order on Ctrl-C/SIGTERM.
+    """
+    if processes:
+        if chaos:
+            fail("--chaos runs in one process only; drop --processes (see docs/chaos.md)")
+        _run_processes(data_dir)
+        return
+    _run_network(("hsm", "billing", "gateway", "acquirer"), data_dir, chaos)
+
+
+def _run_processes(data_dir: Path | None) -> None:
+    """``paylab up --processes``: exit 0 after a clean stop, 1 when a service died."""
+    import signal
+    import time
+
+    from shared.lab.network import ChildDied, ProcessNetwork
+
+    settings = _settings(data_dir)
+    network = ProcessNetwork(settings)
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            ports = network.start()
+        except (ChildDied, TimeoutError) as exc:
+            fail(f"cannot start: {exc} (is a port in use, or paylab already running?)")
+            raise  # unreachable
+        table = Table(title="paylab is running (one process per service)")
+        for col in ("service", "pid", "HTTP", "ISO-8583 / TCP"):
+            table.add_column(col)
+        for name, p in ports.items():
+            table.add_row(
+                name,
+                str(network.procs[name].pid),
+                f"http://{settings.host}:{p.http}",
+                f"{settings.host}:{p.iso}",
+            )
+        err.print(table)
+        err.print("Ctrl-C stops the network (acquirer first, each drained in turn).")
+        while not stopping:
+            dead = network.dead()
+            if dead:
+                name, code = next(iter(dead.items()))
+                err.print(f"[bold red]error:[/] the {name} process exited with code {code}")
+                network.stop()
+                raise typer.Exit(1)
+            time.sleep(0.2)
+        codes = network.stop()
+    finally:
+        network.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    bad = {n: c for n, c in codes.items() if c != 0}
+    if bad:
+        fail("unclean stop: " + ", ".join(f"{n} exited {c}" for n, c in bad.items()))
+
+
+def _single(name: str) -> Any:
+    def command(data_dir: DataDir = None) -> None:
+        _run_network((name,), data_dir)
+
+    command.__doc__ = f"Run the {name} service alone."
+    return command
+
+
+for _name in SERVICES:
+    app.command(name=_name)(_single(_name))
+
+
+def _api(url: str | None) -> str:
+    if url:
+        return url.rstrip("/")
+    s = _settings()
+    return f"http://{s.host}:{s.acquirer_http_port}"
+
+
+def _post(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    import httpx
+
+    settings = _settings()
+    try:
+        r = httpx.post(url + path, json=body or {}, timeout=settings.gateway_timeout + 5)
+    except httpx.ConnectError:
+        fail(f"nothing is listening on {url} (start the network with `paylab up`)")
+        raise  # unreachable
+    except httpx.HTTPError as exc:
+        fail(f"request to {url} failed: {exc}")
+        raise
+    try:
+        data: dict[str, Any] = r.json()
+    except ValueError:
+        fail(f"{url} answered HTTP {r.status_code} without JSON")
+        raise
+    if r.status_code in (400, 404, 422):
+        detail = "; ".join(f"{d['field']}: {d['problem']}" for d in data.get("details", []))
+        fail(f"{data.get('error', r.status_code)}" + (f" ({detail})" if detail else ""))
+    return data
+
+
+def _show(data: dict[str, Any], as_json: bool) -> None:
+    """Print an outcome; exit 0 only when approved (2 otherwise), even if stdout is closed."""
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        code = data.get("response_code") or "--"
+        colour = "green" if data.get("approved") else "red"
+        out.print(
+            f"[bold {colour}]{data.get('status', '?').upper()}[/] "
+            f"{data.get('kind', '')} {code} {data.get('message', '')}"
+        )
+        shown = ["bill", "amount", "amount_due", "biller", "customer", "rrn", "stan", "id"]
+        if data.get("kind") == "inquiry":
+            shown.remove("amount")  # an inquiry carries no amount; amount_due is the answer
+        for key in shown:
+            if data.get(key) not in (None, "") and not (key == "amount_due" and not data[key]):
+                out.print(f"  {key:<10} {data[key]}")
+    if not data.get("approved"):  # a 00 that could not be authenticated is no success
+        raise typer.Exit(2)
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")]
+
+
+@app.command()
+def pay(
+    bill: Annotated[str, typer.Option(help="Bill number, e.g. PLN-0001.")],
+    amount: Annotated[int, typer.Option(help="Amount in minor units (must match the bill).")],
+    pan: Annotated[str, typer.Option(help="Card number (demo card by default).")] = DEMO_PAN,
+    pin: Annotated[str, typer.Option(help="PIN (the demo card's PIN by default).")] = DEMO_PIN,
+    url: Url = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pay a bill through the running acquirer. Exit code 0 only when approved."""
+    _show(
+        _post(_api(url), "/payments", {"bill": bill, "amount": amount, "pan": pan, "pin": pin}),
+        as_json,
+    )
+
+
+@app.command()
+def inquire(
+    bill: Annotated[str, typer.Option(help="Bill number, e.g. PLN-0001.")],
+    url: Url = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask for a bill's amount due through the running acquirer."""
+    _show(_post(_api(url), "/inquiries", {"bill": bill}), as_json)
+
+
+@app.command()
+def reverse(
+    transaction_id: Annotated[str, typer.Argument(help="Id of the payment to reverse.")],
+    url: Url = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Reverse a payment made through the acquirer (a 0420)."""
+    _show(_post(_api(url), f"/payments/{transaction_id}/reversal"), as_json)
+
+
+# -- operators: links and breakers ---------------------------------------------------------
+AdminUrl = Annotated[
+    str | None,
+    typer.Option("--url", help="Gateway HTTP port (default http://<host>:<gateway_http_port>)."),
+]
+
+
+AdminToken = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        help="Admin bearer token (default: the admin_token_operator setting).",
+        show_default=False,
+    ),
+]
+
+
+def _admin(url: str | None) -> str:
+    if url:
+        return url.rstrip("/")
+    s = _settings()
+    return f"http://{s.host}:{s.gateway_http_port}"
+
+
+def _admin_call(method: str, url: str, path: str, token: str | None = None) -> dict[str, Any]:
+    """Call an admin endpoint with the operator token (``--token`` or the
+    ``admin_token_operator`` setting); any failure is one clear line and exit code 1."""
+    import httpx
+
+    bearer = token or _settings().admin_token_operator
+    try:
+        r = httpx.request(
+            method, url + path, timeout=10, headers={"Authorization": f"Bearer {bearer}"}
+        )
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach {url} ({type(exc).__name__}); is the network running?")
+        raise  # unreachable
+    try:
+        data: dict[str, Any] = r.json()
+    except ValueError:
+        fail(f"{url}{path} answered HTTP {r.status_code} without JSON")
+        raise
+    if r.status_code >= 400:
+        fail(str(data.get("error", f"HTTP {r.status_code}")))
+    return data
+
+
+@app.command()
+def links(url: AdminUrl = None, token: AdminToken = None, as_json: JsonOpt = False) -> None:
+    """Show the gateway's upstream links: connections, health, in flight, echo RTT."""
+    data = _admin_call("GET", _admin(url), "/links", token)
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    out.print(f"health score: [bold]{data['score']}[/]/100")
+    table = Table()
+    for col in ("link", "endpoint", "slot", "state", "in flight", "requests", "errors", "echo ms"):
+        table.add_column(col)
+    for link in data["links"]:
+        out.print(
+            f"[bold]{link['name']}[/] breaker {link['breaker']}, "
+            f"{link['healthy']}/{link['target']} healthy, in flight {link['in_flight']}, "
+            f"error rate {link['error_rate'] if link['error_rate'] is not None else '-'}"
+        )
+        for c in link["connections"]:
+            table.add_row(
+                link["name"],
+                f"{c['endpoint']} {c['address']}",
+                str(c["slot"]),
+                c["state"],
+                str(c["in_flight"]),
+                str(c["requests"]),
+                str(c["errors"]),
+                "-" if c["last_echo_rtt_ms"] is None else f"{c['last_echo_rtt_ms']:.2f}",
+            )
+    out.print(table)
+
+
+def _show_breakers(items: list[dict[str, Any]]) -> None:
+    table = Table()
+    for col in ("upstream", "state", "calls", "failures", "failure rate", "open for", "rejected"):
+        # The name and state are what the reader (or a script) is after: never cut short.
+        table.add_column(col, no_wrap=col in ("upstream", "state"))
+    for b in items:
+        rate = b.get("failure_rate")
+        remaining = b.get("open_remaining")
+        if b["state"] == "forced_open":
+            left = "until reset"
+        else:
+            left = f"{remaining:.1f} s" if remaining else "-"
+        table.add_row(
+            b["name"],
+            b["state"],
+            str(b["calls_in_window"]),
+            str(b["failures_in_window"]),
+            "-" if rate is None else f"{rate:.0%}",
+            left,
+            str(b["rejected"]),
+        )
+    out.print(table)
+
+
+@breaker_app.command("status")
+def breaker_status(
+    url: AdminUrl = None, token: AdminToken = None, as_json: JsonOpt = False
+) -> None:
+    """Every breaker: state, window figures, time left open, calls rejected."""
+    data = _admin_call("GET", _admin(url), "/breakers", token)
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        _show_breakers(data["breakers"])
+
+
+def _breaker_action(action: str, name: str, url: str | None, token: str | None) -> None:
+    data = _admin_call("POST", _admin(url), f"/breakers/{name}/{action}", token)
+    _show_breakers([data])
+
+
+BreakerName = Annotated[str, typer.Argument(help="Upstream name: billing or hsm.")]
+
+
+@breaker_app.command("reset")
+def breaker_reset(name: BreakerName, url: AdminUrl = None, token: AdminToken = None) -> None:
+    """Close a breaker now (also ends forced-open and disabled)."""
+    _breaker_action("reset", name, url, token)
+
+
+@breaker_app.command("open")
+def breaker_open(name: BreakerName, url: AdminUrl = None, token: AdminToken = None) -> None:
+    """Force a breaker open: calls fail fast until `paylab breaker reset`."""
+    _breaker_action("force-open", name, url, token)
+
+
+@breaker_app.command("disable")
+def breaker_disable(name: BreakerName, url: AdminUrl = None, token: AdminToken = None) -> None:
+    """Let everything through (metrics still kept) until `paylab breaker reset`."""
+    _breaker_action("disable", name, url, token)
+
+
+# -- operators: the store-and-forward queue ------------------------------------------------
+_SAF_COLUMNS = ("id", "kind", "state", "mti", "rrn", "terminal_id", "amount", "attempts")
+
+
+def _show_entries(items: list[dict[str, Any]]) -> None:
+    table = Table()
+    for col in (*_SAF_COLUMNS, "code", "created_at"):
+        table.add_column(col)
+    for e in items:
+        table.add_row(
+            *(str(e.get(c) if e.get(c) is not None else "-") for c in _SAF_COLUMNS),
+            e.get("response_code") or "-",
+            (e.get("created_at") or "")[:19],
+        )
+    out.print(table)
+
+
+@saf_app.command("list")
+def saf_list(
+    state: Annotated[
+        str | None, typer.Option(help="queued, in_flight, done, dead or cancelled.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Entries per page.")] = 50,
+    before_id: Annotated[
+        int | None, typer.Option(help="Page on: entries older than this id.")
+    ] = None,
+    rrn: Annotated[str | None, typer.Option(help="Only this RRN (field 37).")] = None,
+    url: AdminUrl = None,
+    token: AdminToken = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue entries, newest first."""
+    params = {"state": state, "limit": limit, "before_id": before_id, "rrn": rrn}
+    query = "&".join(f"{k}={v}" for k, v in params.items() if v is not None)
+    data = _admin_call("GET", _admin(url), f"/saf?{query}", token)
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    _show_entries(data["items"])
+    if data.get("next_before_id"):
+        out.print(f"more: --before-id {data['next_before_id']}")
+
+
+EntryId = Annotated[int, typer.Argument(help="Queue entry id (see `paylab saf list`).")]
+
+
+@saf_app.command("show")
+def saf_show(entry_id: EntryId, url: AdminUrl = None, token: AdminToken = None) -> None:
+    """One entry, every field (the PAN masked; the message itself is never shown)."""
+    out.print_json(json.dumps(_admin_call("GET", _admin(url), f"/saf/{entry_id}", token)))
+
+
+@saf_app.command("retry")
+def saf_retry(entry_id: EntryId, url: AdminUrl = None, token: AdminToken = None) -> None:
+    """Put a dead entry back in the queue, due now."""
+    _show_entries([_admin_call("POST", _admin(url), f"/saf/{entry_id}/retry", token)])
+
+
+@saf_app.command("cancel")
+def saf_cancel(entry_id: EntryId, url: AdminUrl = None, token: AdminToken = None) -> None:
+    """Cancel an entry: it is never forwarded afterwards."""
+    _show_entries([_admin_call("POST", _admin(url), f"/saf/{entry_id}/cancel", token)])
+
+
+@saf_app.command("purge")
+def saf_purge(
+    older_than: Annotated[
+        int | None, typer.Option(help="Seconds (default: PAYLAB_SAF_RETENTION).")
+    ] = None,
+    url: AdminUrl = None,
+    token: AdminToken = None,
+) -> None:
+    """Delete done and cancelled entries older than the retention period."""
+    query = "" if older_than is None else f"?older_than={older_than}"
+    data = _admin_call("POST", _admin(url), f"/saf/purge{query}", token)
+    out.print(f"removed {data['removed']} entries older than {data['older_than']}")
+
+
+@saf_app.command("stats")
+def saf_stats(url: AdminUrl = None, token: AdminToken = None, as_json: JsonOpt = False) -> None:
+    """Entries by state, depth and the oldest entry's age."""
+    data = _admin_call("GET", _admin(url), "/saf/stats", token)
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    for state, n in data["counts"].items():
+        out.print(f"{state:<10} {n}")
+    age = data.get("oldest_queued_age_seconds")
+    out.print(f"depth      {data['depth']}  (oldest {'-' if age is None else f'{age:.1f} s'})")
+
+
+@bills_app.command("add")
+def bills_add(
+    count: Annotated[int, typer.Argument(min=1, max=1_000_000, help="How many bills.")] = 10_000,
+    prefix: Annotated[
+        str, typer.Option("--prefix", help="Bill numbers are <prefix>-<7 digits>.")
+    ] = "LOAD",
+    data_dir: DataDir = None,
+) -> None:
+    """Add open bills for load tests, each payable once with the demo card (PIN 1234).
+
+    Writes into billing's database (PAYLAB_BILLING_DB_URL or the data directory), also
+    while the network runs; numbering continues after the bills of the same prefix.
+    Locust picks from them with PAYLAB_LOAD_BILLS=<prefix>:<total> (loadtests/README.md).
+    """
+    import re
+
+    from billing.demo_data import GENERATED_BILL_AMOUNT
+    from shared.lab.bench import seed_bills
+    from shared.store.db import DatabaseError
+
+    if not re.fullmatch(r"[A-Z][A-Z0-9]{0,15}", prefix):
+        fail("the prefix must be 1-16 capital letters or digits, starting with a letter")
+    try:
+        bills = seed_bills(_settings(data_dir), count, prefix, append=True)
+    except DatabaseError as exc:
+        fail(f"cannot write billing's database: {exc}")
+        raise  # unreachable
+    total = int(bills[-1][0].rsplit("-", 1)[1]) + 1
+    out.print(
+        f"added {len(bills)} open bills {bills[0][0]} .. {bills[-1][0]}, "
+        f"{GENERATED_BILL_AMOUNT} each (IDR minor units)"
+    )
+    out.print(f"for locust: PAYLAB_LOAD_BILLS={prefix}:{total}")
+
+
+@app.command()
+def reconcile(data_dir: DataDir = None, as_json: JsonOpt = False) -> None:
+    """Compare the gateway's journal and queue with billing's postings.
+
+    Reads both databases (PAYLAB_GATEWAY_DB_URL, PAYLAB_BILLING_DB_URL, or the SQLite files
+    in the data directory) and prints every mismatch. Exit code 1 when there is one.
+    Transactions still being delivered are counted as pending, not as mismatches.
+    """
+    from gateway.reconcile import load_gateway_facts, load_postings
+    from gateway.reconcile import reconcile as compare
+    from shared.store.db import DatabaseError, make_engine, session_factory
+
+    settings = _settings(data_dir)
+    engines = []
+    try:
+        gateway_engine = make_engine(settings.db_url("gateway"))
+        billing_engine = make_engine(settings.db_url("billing"))
+        engines = [gateway_engine, billing_engine]
+        report = compare(
+            load_gateway_facts(session_factory(gateway_engine)), load_postings(billing_engine)
+        )
+    except DatabaseError as exc:
+        fail(f"cannot read the databases: {exc}")
+        raise  # unreachable
+    finally:
+        for engine in engines:
+            engine.dispose()
+    if as_json:
+        out.print_json(json.dumps(report.as_dict()))
+    else:
+        out.print(
+            f"checked {report.checked} transactions: {report.pending} pending, "
+            f"{len(report.mismatches)} mismatches"
+        )
+        for m in report.mismatches:
+            out.print(f"  [red]{m.kind}[/] {m.key}: {m.detail}")
+    if not report.clean:
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    duration: Annotated[float, typer.Option(min=0.5, help="Measured seconds per phase.")] = 10.0,
+    warmup: Annotated[float, typer.Option(min=0, help="Warm-up seconds per phase.")] = 2.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 64,
+    connections: Annotated[int, typer.Option(min=1, help="TCP connections per phase.")] = 8,
+    rate: Annotated[
+        float, typer.Option(min=0, help="Offered requests per second (0: as fast as answered).")
+    ] = 0.0,
+    bills: Annotated[
+        int, typer.Option(min=0, help="Bills seeded per payment phase (0: enough for ~4,000/s).")
+    ] = 0,
+    phase: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run only this phase (repeatable): echo, billing-inquiry, "
+            "billing-payment, chain-payment."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Benchmark (not a test): TPS and latency of the chain, of billing, of a raw echo server.
+
+    Starts hsm, billing and gateway each in its own process on free ports (a temporary
+    data directory), seeds bills, drives closed-loop load, stops everything. See
+    shared/bench.py and docs/performance.md.
+    """
+    from shared.lab.bench import BenchOptions, render, run_bench
+
+    opts = BenchOptions(duration, warmup, concurrency, connections, rate, bills)
+    if phase:
+        unknown = set(phase) - set(opts.phases)
+        if unknown:
+            fail(
+                f"unknown phase(s) {', '.join(sorted(unknown))}; choose from "
+                + ", ".join(opts.phases)
+            )
+        opts.phases = tuple(p for p in opts.phases if p in phase)
+    try:
+        report = run_bench(opts, lambda m: err.print(f"[dim]{escape(m)}[/]"))
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        fail(f"benchmark failed: {exc}")
+        raise  # unreachable
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        for item in render(report):
+            out.print(item)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    service: Annotated[str, typer.Option(help="billing, gateway, acquirer, or all.")] = "all",
+    data_dir: DataDir = None,
+) -> None:
+    """Bring the databases to the newest schema (also done at every service start)."""
+    from shared.store.db import DatabaseError, upgrade
+
+    settings = _settings(data_dir)
+    names = ("acquirer", "gateway", "billing") if service == "all" else (service,)
+    for name in names:
+        if name not in ("acquirer", "gateway", "billing"):
+            fail(f"{name!r} has no database; choose billing, gateway, acquirer or all")
+        try:
+            upgrade(settings.db_url(name), f"{name}:migrations")
+        except DatabaseError as exc:
+            fail(str(exc))
+        out.print(f"{name}: schema up to date ({settings.db_url(name)})")
+
+
+@app.command()
+def certs(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Directory of the files (default ./var/tls).")
+    ] = Path("var/tls"),
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="Extra DNS name or IP in every certificate (repeatable)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+) -> None:
+    """Make a lab CA and a certificate per service for TLS links (PAYLAB_TLS_ENABLED=true)."""
+    from shared.net.certs import CertsExist, lab_pki, write_lab_pki
+
+    try:
+        written = write_lab_pki(out_dir, lab_pki(host or ()), force=force)
+    except CertsExist as exc:
+        fail(str(exc))
+        raise  # unreachable
+    except (OSError, ValueError) as exc:
+        fail(f"cannot write certificates: {exc}")
+        raise  # unreachable
+    for path in written:
+        out.print(str(path))
+    out.print(f"turn TLS on with PAYLAB_TLS_ENABLED=true PAYLAB_TLS_DIR={out_dir}")
+
+
+@app.command()
+def config() -> None:
+    """Show every configuration key, its value and what it does."""
+    settings = _settings()
+    table = Table(title="paylab configuration (PAYLAB_<KEY> or .env)")
+    table.add_column("key")
+    table.add_column("value")
+    table.add_column("meaning")
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        shown = "(secret)" if "key" in name and name != "key_file" else str(value)
+        table.add_row(f"PAYLAB_{name.upper()}", shown, field.description or "")
+    out.print(table)
+
+
+from shared.lab.demo import demo  # noqa: E402  (registered last: they use the helpers above)
+from shared.lab.watch import top  # noqa: E402
+
+app.command("top")(top)
+app.command("demo")(demo)
+
+from shared.cli.chaos import chaos_app  # noqa: E402  (uses the helpers above)
+
+app.add_typer(chaos_app, name="chaos")
+from shared.cli.lab import lab_app  # noqa: E402
+
+app.add_typer(lab_app, name="lab")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
