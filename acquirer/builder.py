@@ -94,7 +94,7 @@ class RequestBuilder:
         return self.sign(msg)
 
     def sign(self, msg: Message) -> Message:
-        """Add the MAC (field 64 or 128, per :func:`shared.codec.mac_field`)."""
+        """Add the MAC (field 64 or 128, per :func:`shared.iso.codec.mac_field`)."""
         field, data = codec.encode_for_mac(msg)
         msg[field] = crypto.mac_alg3(self.terminal.tak, data).hex().upper()
         return msg

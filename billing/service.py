@@ -4,11 +4,11 @@ The ISO side is this module; the money rules live in :mod:`billing.store` (idemp
 the transaction's key). Database work runs in a worker thread, one call at a time per
 process: SQLite has one writer anyway, and serialising keeps "check the key, post, store
 the answer" free of races on any database. Requests that arrive while that thread is busy
-are batched into its next call (:class:`shared.group_commit.GroupCommit`): the replay checks
+are batched into its next call (:class:`shared.store.group_commit.GroupCommit`): the replay checks
 and card lookups of many payments in one read, many postings in one transaction with one
 commit. Each answer still waits for the commit of its own posting.
 
-Business metrics (:class:`shared.metrics.BusinessMetrics`) count each fresh outcome once,
+Business metrics (:class:`shared.ops.metrics.BusinessMetrics`) count each fresh outcome once,
 where it is decided: payments and advices by biller and response code with the approved
 amounts, inquiries, reversals; a replayed answer counts as a replay only.
 """

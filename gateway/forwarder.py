@@ -1,7 +1,7 @@
 """The store-and-forward forwarder: delivers queued advices and reversals to billing.
 
 A thin trio shell over :class:`gateway.saf.SafStore` (what is due, in which order, what an
-answer means) and the billing :class:`~shared.upstream.Upstream` (how to reach it):
+answer means) and the billing :class:`~shared.net.upstream.Upstream` (how to reach it):
 
 * it waits for the link instead of hammering it: nothing is claimed while billing is
   unavailable (no healthy connection, or the breaker open);
@@ -10,7 +10,7 @@ answer means) and the billing :class:`~shared.upstream.Upstream` (how to reach i
   (0221, 0421) afterwards, one attempt per claim (the queue's own schedule spaces the
   attempts: the retry schedule, never less than ``saf_retry_interval``);
 * each answer updates the entry and appends a journal row in one transaction, shared by
-  the answers that arrive together (group commit, :mod:`shared.group_commit`); billing's
+  the answers that arrive together (group commit, :mod:`shared.store.group_commit`); billing's
   idempotency makes a repeat harmless, so a crash between sending and recording at worst
   sends the entry once more.
 """

@@ -2,7 +2,7 @@
 
 The load-test users (``loadtests/locustfile.py``) play terminals talking to the gateway's ISO
 listener. They must not run trio code inside locust's gevent loop, so this module uses only
-the project's sans-IO pieces (``shared.codec``, ``shared.framing``, ``shared.messages``,
+the project's sans-IO pieces (``shared.iso.codec``, ``shared.iso.framing``, ``shared.iso.messages``,
 ``shared.crypto`` through ``acquirer.builder``, and ``hsm.keyfile`` for the shipped test keys)
 over a plain :mod:`socket`. Under locust, :mod:`socket` is monkey-patched by gevent, so every
 blocking call here yields to the other simulated users.

@@ -1,4 +1,5 @@
-"""Tests for shared.backoff: the backoff policy, per-operation retry state, reconnect delays."""
+"""Tests for shared.resilience.backoff: the backoff policy, per-operation retry state,
+reconnect delays."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests for shared.breaker: the circuit-breaker state machine, driven by a fake clock."""
+"""Tests for shared.resilience.breaker: the circuit-breaker state machine, driven by a fake
+clock."""
 
 from __future__ import annotations
 

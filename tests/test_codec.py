@@ -1,4 +1,5 @@
-"""Tests for shared.codec: ISO-8583 encode/decode over paylab's spec, MAC placement, redaction."""
+"""Tests for shared.iso.codec: ISO-8583 encode/decode over paylab's spec, MAC placement,
+redaction."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Differential tests: the codec's fast path against pyiso8583, the codec of record.
 
-The fast path (``shared.codec._fast_encode`` / ``_fast_decode``) must either return exactly
-what pyiso8583 returns over :data:`shared.spec.SPEC` or return ``None`` so the library
+The fast path (``shared.iso.codec._fast_encode`` / ``_fast_decode``) must either return exactly
+what pyiso8583 returns over :data:`shared.iso.spec.SPEC` or return ``None`` so the library
 decides. It must never return a result where the library raises.
 """
 

@@ -377,7 +377,7 @@ def test_every_metric_is_documented() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The database metrics of shared.metrics (the alerts' inputs)
+# The database metrics of shared.ops.metrics (the alerts' inputs)
 
 
 def test_database_metrics_time_calls_and_count_failures() -> None:

@@ -1,4 +1,4 @@
-"""Tests for shared.framing: length-prefixed frames over arbitrary chunking."""
+"""Tests for shared.iso.framing: length-prefixed frames over arbitrary chunking."""
 
 from __future__ import annotations
 

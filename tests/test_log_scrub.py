@@ -1,4 +1,4 @@
-"""Tests for shared.log: JSON log lines never carry a clear PAN or a secret value."""
+"""Tests for shared.ops.log: JSON log lines never carry a clear PAN or a secret value."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for shared.messages, shared.pan and shared.codes: the message-level vocabulary."""
+"""Tests for shared.iso.messages, shared.pan and shared.iso.codes: the message-level vocabulary."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``shared.metrics.series``: remembered label lookups count into the same series."""
+"""``shared.ops.metrics.series``: remembered label lookups count into the same series."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests for shared.ratelimit: token buckets, keyed limiters, window counters, connection caps."""
+"""Tests for shared.resilience.ratelimit: token buckets, keyed limiters, window counters,
+connection caps."""
 
 from __future__ import annotations
 

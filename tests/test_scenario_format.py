@@ -1,4 +1,4 @@
-"""The scenario format (``shared/scenario.py``): loading, validation messages, conditions,
+"""The scenario format (``shared/lab/scenario.py``): loading, validation messages, conditions,
 code and count checks, results. No sockets."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for shared.validation: per-MTI request rules and the response check."""
+"""Tests for shared.iso.validation: per-MTI request rules and the response check."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""shared.vault: AES-256-GCM sealing with named keys."""
+"""shared.store.vault: AES-256-GCM sealing with named keys."""
 
 from __future__ import annotations
 

@@ -646,7 +646,7 @@ def bench(
 
     Starts hsm, billing and gateway each in its own process on free ports (a temporary
     data directory), seeds bills, drives closed-loop load, stops everything. See
-    shared/bench.py and docs/performance.md.
+    shared/lab/bench.py and docs/performance.md.
     """
     from shared.lab.bench import BenchOptions, render, run_bench
 

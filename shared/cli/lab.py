@@ -2,7 +2,7 @@
 
 ``paylab lab check N`` reads the running network once (every service's ``/metrics`` and
 ``/health``, the gateway's admin API, the chaos controller, optionally a Prometheus server
-and a locust CSV report), runs the lab's check (``shared/labs.py``) and prints a checklist.
+and a locust CSV report), runs the lab's check (``shared/lab/course.py``) and prints a checklist.
 Exit codes: 0 when every finding passes, 1 when one does not or nothing answers, 2 for an
 unknown lab.
 """

@@ -1,4 +1,4 @@
-"""ISO-8583 encode/decode over :data:`shared.spec.SPEC`, plus MAC placement.
+"""ISO-8583 encode/decode over :data:`shared.iso.spec.SPEC`, plus MAC placement.
 
 pyiso8583 is the codec of record. Because paylab's spec is all ASCII (every data element,
 length prefix, MTI and hex bitmap), ``encode`` and ``decode`` first try a specialised fast

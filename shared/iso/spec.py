@@ -2,7 +2,7 @@
 
 It starts as a deep copy of pyiso8583's ``default_ascii`` spec (so the library's module
 level spec is never mutated) and adapts the elements paylab uses. ``docs/message-spec.md``
-documents each element; :mod:`shared.validation` enforces content rules (numeric, Luhn,
+documents each element; :mod:`shared.iso.validation` enforces content rules (numeric, Luhn,
 hex) that the spec's length rules cannot express.
 """
 

@@ -515,7 +515,7 @@ def run_bench(
     """Start the processes, run the phases, stop everything; return the JSON-ready report.
 
     Raises whatever stops the services from starting (see
-    :meth:`shared.network.ProcessNetwork.start`); the processes are stopped in every case.
+    :meth:`shared.lab.network.ProcessNetwork.start`); the processes are stopped in every case.
     """
     from shared.lab.network import ProcessNetwork, read_rss
 
@@ -715,12 +715,12 @@ def render(report: dict[str, Any]) -> list[Any]:
 
 
 def _main(argv: Sequence[str]) -> int:
-    """``python -m shared.bench echo HOST PORT``: run the echo server until killed."""
+    """``python -m shared.lab.bench echo HOST PORT``: run the echo server until killed."""
     if len(argv) == 3 and argv[0] == "echo":
         with contextlib.suppress(KeyboardInterrupt):
             trio.run(_serve_echo_and_report, argv[1], int(argv[2]))
         return 0
-    print("usage: python -m shared.bench echo HOST PORT (the benchmark is `paylab bench`)")
+    print("usage: python -m shared.lab.bench echo HOST PORT (the benchmark is `paylab bench`)")
     return 2
 
 

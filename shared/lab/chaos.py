@@ -1,8 +1,8 @@
 """Fault injection on the wire: TCP proxies between the services, and their controller.
 
 :class:`ChaosProxy` listens in front of one service's ISO port and forwards every byte to
-it, applying the link's :class:`shared.faults.Faults` chunk by chunk (the decisions are
-:func:`shared.faults.plan` and :class:`shared.faults.Pacer`; this module only moves
+it, applying the link's :class:`shared.lab.faults.Faults` chunk by chunk (the decisions are
+:func:`shared.lab.faults.plan` and :class:`shared.lab.faults.Pacer`; this module only moves
 bytes). :class:`ChaosController` holds the proxies by link name (``gateway``: acquirer ->
 gateway, ``billing``: gateway -> billing, ``hsm``: gateway and billing -> HSM), switches the
 services' database faults, runs connection floods, and serves the HTTP API on
@@ -489,7 +489,7 @@ class ChaosController:
     """The proxies of a network by link name, the services' database switches, floods,
     and the HTTP API over them (see ``docs/chaos.md``).
 
-    ``databases`` maps a service name to its :class:`shared.db.DatabaseFault` (the switch
+    ``databases`` maps a service name to its :class:`shared.store.db.DatabaseFault` (the switch
     is called directly: the controller runs in the services' process); ``iso_targets``
     maps a service name to the ``(host, port)`` of its real ISO listener (flood targets).
     Every action is logged and written to the audit stream.
@@ -544,7 +544,7 @@ class ChaosController:
     ) -> dict[str, Any]:
         """Merge ``faults`` into the link's faults; returns the link's view.
 
-        Raises :class:`UnknownLink` or :class:`shared.faults.FaultSpecError`.
+        Raises :class:`UnknownLink` or :class:`shared.lab.faults.FaultSpecError`.
         """
         (proxy,) = self._links(link, allow_all=False)
         new = proxy.faults.merge(faults)

@@ -1,9 +1,9 @@
 """``paylab lab check N``: has a course lab reached its expected state? (sans-IO)
 
-Nothing here does I/O. A shell (``shared/lab_cli.py``) reads, for one instant, what the
+Nothing here does I/O. A shell (``shared/cli/lab.py``) reads, for one instant, what the
 running network publishes and hands it over as a :class:`LabSnapshot`:
 
-* a :class:`shared.top.Snapshot`: each service's parsed ``/metrics`` (the chaos
+* a :class:`shared.lab.top.Snapshot`: each service's parsed ``/metrics`` (the chaos
   controller's too, under ``"chaos"``), the gateway's ``/links``, ``/breakers`` and
   ``/saf/stats``, the chaos controller's ``/chaos``;
 * the JSON of each service's ``/health``;

@@ -2,7 +2,7 @@
 
 What it does, in one process (trio):
 
-1. seeds generated open bills (:func:`shared.bench.seed_bills`) in a fresh data directory
+1. seeds generated open bills (:func:`shared.lab.bench.seed_bills`) in a fresh data directory
    (a temporary one unless ``--data-dir`` is given, which is then kept);
 2. starts the four services with the chaos proxies (``Network(settings, chaos=True)``) on
    ephemeral ports, so it runs beside a ``paylab up``, with settings that make the story

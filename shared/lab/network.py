@@ -55,9 +55,9 @@ class Network:
     Services are built as their upstreams come up, so each is pointed at the port its
     upstream really got: the network works on fixed ports and on ephemeral ones (0).
 
-    With ``chaos=True`` a :class:`shared.chaos.ChaosProxy` is started in front of the ISO
+    With ``chaos=True`` a :class:`shared.lab.chaos.ChaosProxy` is started in front of the ISO
     port of the gateway, billing and the HSM as each comes up, and the services after it
-    are pointed at the proxy; the :class:`shared.chaos.ChaosController` (:attr:`chaos`)
+    are pointed at the proxy; the :class:`shared.lab.chaos.ChaosController` (:attr:`chaos`)
     serves its HTTP API on ``settings.chaos_http_port`` (:attr:`chaos_port`).
     """
 

@@ -4,7 +4,7 @@ This module is the format and every decision about it, with no I/O: loading and 
 a document into typed steps (:func:`load_scenario`), evaluating a wait condition against a
 snapshot of the network (:func:`evaluate`), comparing response codes and counts, and the
 results (:class:`StepResult`, :class:`Report`). The trio shell that performs the steps is
-``shared/scenario_runner.py``; the format is documented in ``docs/scenarios.md``.
+``shared/lab/scenario_runner.py``; the format is documented in ``docs/scenarios.md``.
 
 A document::
 

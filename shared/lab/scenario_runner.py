@@ -1,4 +1,4 @@
-"""Running scenarios (``paylab scenarios run``): the trio shell around ``shared/scenario.py``.
+"""Running scenarios (``paylab scenarios run``): the trio shell around ``shared/lab/scenario.py``.
 
 A scenario runs against a network this module starts itself (:func:`run_self_started`: the
 four services in-process with chaos proxies on every link, ephemeral ports, a temporary data

@@ -1,6 +1,6 @@
 """``paylab top``: what the network is doing, computed from what it publishes (sans-IO).
 
-Nothing here does I/O. A shell (``shared/top_cli.py``) fetches, for one instant:
+Nothing here does I/O. A shell (``shared/lab/watch.py``) fetches, for one instant:
 
 * the Prometheus text of each service's ``GET /metrics`` (``None`` when it did not answer);
 * the JSON of the gateway's ``GET /links``, ``GET /breakers`` and ``GET /saf/stats``;

@@ -1,4 +1,4 @@
-"""Drawing a :class:`shared.top.View` with rich (pure: a view in, a renderable out).
+"""Drawing a :class:`shared.lab.top.View` with rich (pure: a view in, a renderable out).
 
 :func:`render` gives the full frame (about 20 lines at most, so it fits an 80x24
 terminal); :func:`summary_line` gives one plain line per frame for output that is not a

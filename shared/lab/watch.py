@@ -1,10 +1,10 @@
 """The shell of ``paylab top`` and ``paylab demo``: fetch, compute, draw (trio + httpx + rich).
 
-:func:`fetch_snapshot` reads every source of one :class:`~shared.top.Snapshot` at once (a
+:func:`fetch_snapshot` reads every source of one :class:`~shared.lab.top.Snapshot` at once (a
 source that does not answer within the deadline is recorded as down); :func:`watch` takes
-a snapshot every ``interval`` and hands each :class:`~shared.top.View` to a callback;
+a snapshot every ``interval`` and hands each :class:`~shared.lab.top.View` to a callback;
 :class:`Screen` draws views with rich ``Live`` on a terminal, or one line per frame
-elsewhere (CI logs). The logic lives in ``shared/top.py`` and ``shared/top_view.py``.
+elsewhere (CI logs). The logic lives in ``shared/lab/top.py`` and ``shared/lab/top_view.py``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """An ISO-8583 link as the connection pool sees it: the received frame, the keyed decoder
-(a response finds its request by :func:`~shared.messages.match_key`), and the dialect of
+(a response finds its request by :func:`~shared.iso.messages.match_key`), and the dialect of
 network management messages (echo, sign-on, sign-off).
 
 The HSM's counterparts live with its client (:mod:`hsm.client`).

@@ -4,7 +4,7 @@ heartbeats, sign-on and sign-off, reconnection with backoff.
 The policy parts are plain functions and small classes without I/O (:func:`choose`,
 :class:`LinkDialect`, :class:`OutcomeWindow`); :class:`UpstreamPool` is the trio shell.
 
-How the pool behaves (the contract :class:`shared.upstream.Upstream` builds on):
+How the pool behaves (the contract :class:`shared.net.upstream.Upstream` builds on):
 
 * every endpoint (primary, optional backup) has ``max_connections`` *slots*; each slot is
   one task that owns at most one connection and reconnects it. Slots below

@@ -1,10 +1,10 @@
 """Thin trio shells around the sans-IO framing: a framed server and multiplexed clients.
 
-:class:`FramedServer` reads bytes, feeds a :class:`~shared.framing.FrameParser`, runs one
+:class:`FramedServer` reads bytes, feeds a :class:`~shared.iso.framing.FrameParser`, runs one
 handler task per whole frame (so a slow request never blocks the next one on the same
 connection) and writes whatever the handler returns. :class:`MultiplexedConnection` is
 the client side of one connection with many requests in flight, matched to responses by
-a key; :class:`shared.pool.UpstreamPool` keeps several of them to a peer.
+a key; :class:`shared.net.pool.UpstreamPool` keeps several of them to a peer.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 retry on transient failures.
 
 :class:`Upstream` is the thin trio shell; the decisions are made by sans-IO pieces:
-:class:`shared.breaker.CircuitBreaker` (may this call go out?), :class:`shared.backoff.RetryState`
-(may another attempt start, and after how long?) and :func:`retry_reason` (is this failure
-worth another attempt?).
+:class:`shared.resilience.breaker.CircuitBreaker` (may this call go out?),
+:class:`shared.resilience.backoff.RetryState` (may another attempt start, and after how
+long?) and :func:`retry_reason` (is this failure worth another attempt?).
 
 What is retried (and why):
 

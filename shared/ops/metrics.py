@@ -62,7 +62,7 @@ PAYMENT_SOURCES = ("online", "advice")
 HOURS = tuple(f"{h:02d}" for h in range(24))
 
 #: Failures of a database call that count as "database problems": the stores' own
-#: :class:`~shared.db.DatabaseError` and SQLAlchemy's connection-level errors.
+#: :class:`~shared.store.db.DatabaseError` and SQLAlchemy's connection-level errors.
 DB_FAILURES: tuple[type[BaseException], ...] = (DatabaseError, OperationalError, InterfaceError)
 
 
@@ -234,7 +234,7 @@ class DatabaseMetrics:
 
     ``in_use`` and ``waiting`` are read at scrape time (no bookkeeping on the hot path):
     connections checked out of the SQLAlchemy pool, and calls queued for the service's
-    database slot (one call at a time, see :meth:`shared.service.Service.in_db_thread`).
+    database slot (one call at a time, see :meth:`shared.server.service.Service.in_db_thread`).
     :meth:`instrument` times one call and counts its failure.
     """
 

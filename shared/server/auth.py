@@ -1,6 +1,6 @@
 """Admin access control, security headers and the audit stream of every HTTP port.
 
-:class:`AdminGuard` is a plain ASGI middleware that ``shared.http.service_app`` puts in
+:class:`AdminGuard` is a plain ASGI middleware that ``shared.server.http.service_app`` puts in
 front of every service's routes:
 
 * ``/health``, ``/metrics`` and the routes a service marks public (:func:`public`: the

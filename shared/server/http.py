@@ -76,8 +76,8 @@ def service_app(
     answers at all.
 
     Every other route needs an admin token, ``admin_tokens`` = (read-only, operator),
-    except the ones marked with :func:`shared.auth.public`; every answer carries the
-    security headers (see :mod:`shared.auth`).
+    except the ones marked with :func:`shared.server.auth.public`; every answer carries the
+    security headers (see :mod:`shared.server.auth`).
     """
     checks = checks or {}
 

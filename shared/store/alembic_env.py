@@ -5,10 +5,10 @@ Each service keeps its own migration scripts (``billing/migrations``,
 (``alembic_version_<service>``), so the services can share one PostgreSQL database in a
 deployment without their migration histories colliding.
 
-Normally run by :func:`shared.db.upgrade`, which passes a live connection through
+Normally run by :func:`shared.store.db.upgrade`, which passes a live connection through
 ``config.attributes["connection"]``; the migrations then run on it and nothing here
 commits or closes it. Without one (the ``alembic`` command line), an engine is built from
-the ``sqlalchemy.url`` main option with :func:`shared.db.make_engine`. ``render_as_batch``
+the ``sqlalchemy.url`` main option with :func:`shared.store.db.make_engine`. ``render_as_batch``
 is on for SQLite, whose ``ALTER TABLE`` cannot change most things.
 """
 
