@@ -53,7 +53,6 @@ __all__ = [
     "ChaosProxy",
     "FloodResult",
     "UnknownLink",
-    "fault_routes",
     "flood",
 ]
 
@@ -369,44 +368,6 @@ class ChaosProxy:
             "resets": self.resets,
             "closes": self.closes,
         }
-
-
-# -- database faults on a service's own HTTP port --------------------------------------------
-
-
-def fault_routes(fault: DatabaseFault, log: Any) -> list[BaseRoute]:
-    """``GET /faults`` and ``POST /faults/database`` (body ``{"down": bool}``) over a
-    service's database switch; every change is logged and audited."""
-    audit_log = audit_stream(log)
-
-    async def get_faults(_request: Request) -> Response:
-        return JSONResponse({"database": fault.view()})
-
-    async def set_database(request: Request) -> Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            return json_error(400, "the body is not JSON")
-        down = body.get("down") if isinstance(body, dict) else None
-        if not isinstance(down, bool):
-            return json_error(400, 'the body must be {"down": true} or {"down": false}')
-        fault.set_down(down)
-        log.warning("chaos_database_fault", down=down)
-        audit(
-            audit_log,
-            "chaos_database_fault",
-            actor=actor_of(request),
-            action="faults.database",
-            target="database",
-            outcome="ok",
-            down=down,
-        )
-        return JSONResponse({"database": fault.view()})
-
-    return [
-        Route("/faults", get_faults, methods=["GET"]),
-        Route("/faults/database", set_database, methods=["POST"]),
-    ]
 
 
 # -- floods ----------------------------------------------------------------------------------

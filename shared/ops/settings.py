@@ -15,9 +15,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
 from shared.iso.framing import DEFAULT_MAX_FRAME, HeaderKind
-from shared.server.auth import DEFAULT_OPERATOR_TOKEN, DEFAULT_READ_TOKEN
 
 SERVICES = ("acquirer", "gateway", "billing", "hsm")
+
+#: Lab defaults of the two admin tokens: they work out of the box and are public (in the
+#: documentation): change them (PAYLAB_ADMIN_TOKEN_READ / _OPERATOR) outside a lab.
+DEFAULT_READ_TOKEN = "paylab-lab-reader"
+DEFAULT_OPERATOR_TOKEN = "paylab-lab-operator"
 
 
 class Settings(BaseSettings):

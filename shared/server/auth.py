@@ -31,10 +31,7 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-#: Lab defaults of the two admin tokens: they work out of the box and are public (in the
-#: documentation): change them (PAYLAB_ADMIN_TOKEN_READ / _OPERATOR) outside a lab.
-DEFAULT_READ_TOKEN = "paylab-lab-reader"
-DEFAULT_OPERATOR_TOKEN = "paylab-lab-operator"
+from shared.ops.settings import DEFAULT_OPERATOR_TOKEN, DEFAULT_READ_TOKEN
 
 READER = "reader"
 OPERATOR = "operator"

@@ -20,13 +20,8 @@ from starlette.routing import BaseRoute, Route
 
 from shared.ops.log import get_logger
 from shared.ops.metrics import ServiceMetrics
-from shared.server.auth import (
-    DEFAULT_OPERATOR_TOKEN,
-    DEFAULT_READ_TOKEN,
-    SECURITY_HEADERS,
-    AdminGuard,
-    is_public,
-)
+from shared.ops.settings import DEFAULT_OPERATOR_TOKEN, DEFAULT_READ_TOKEN
+from shared.server.auth import SECURITY_HEADERS, AdminGuard, is_public
 
 #: A readiness check: returns (ok, detail) for one dependency.
 HealthCheck = Callable[[], Awaitable[tuple[bool, str]]]

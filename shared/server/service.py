@@ -26,7 +26,6 @@ from shared.iso import codec
 from shared.iso.codes import RC
 from shared.iso.messages import Message, is_response, make_response
 from shared.iso.validation import validate_request
-from shared.lab.chaos import fault_routes
 from shared.net.iso_link import IsoDialect, IsoFrame, decode_iso_keyed
 from shared.net.pool import LinkDialect, PoolConfig, UpstreamPool
 from shared.net.tcp import FramedServer, InlineHandler
@@ -39,6 +38,7 @@ from shared.resilience.backoff import Backoff
 from shared.resilience.breaker import BreakerConfig
 from shared.server.admin import health_score, link_routes
 from shared.server.auth import default_tokens_in_use
+from shared.server.fault_api import fault_routes
 from shared.server.http import HealthCheck, serve_http, service_app
 from shared.store.db import DatabaseFault, make_engine, session_factory, upgrade
 
