@@ -22,8 +22,10 @@ import trio
 from billing.models import Posting
 from gateway.service import GatewayService
 from shared.iso.messages import Message, idempotency_key
-from shared.lab.chaos import ChaosController, ChaosProxy, flood
-from shared.lab.faults import Faults
+from shared.lab.chaos.controller import ChaosController
+from shared.lab.chaos.faults import Faults
+from shared.lab.chaos.flood import flood
+from shared.lab.chaos.proxy import ChaosProxy
 from shared.lab.network import Network
 from shared.resilience.breaker import BreakerState
 from shared.store.db import make_engine

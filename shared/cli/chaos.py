@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from shared.lab.faults import Faults, FaultSpecError
+from shared.lab.chaos.faults import Faults, FaultSpecError
 from shared.ops.settings import Settings
 
 # The helpers of shared.cli are imported when called: shared.cli imports this module.

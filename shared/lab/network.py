@@ -22,7 +22,7 @@ from shared.ops.settings import SERVICES, Settings
 from shared.server.service import Ports, Service
 
 if TYPE_CHECKING:
-    from shared.lab.chaos import ChaosController
+    from shared.lab.chaos.controller import ChaosController
 
 START_ORDER = ("hsm", "billing", "gateway", "acquirer")
 
@@ -55,10 +55,11 @@ class Network:
     Services are built as their upstreams come up, so each is pointed at the port its
     upstream really got: the network works on fixed ports and on ephemeral ones (0).
 
-    With ``chaos=True`` a :class:`shared.lab.chaos.ChaosProxy` is started in front of the ISO
-    port of the gateway, billing and the HSM as each comes up, and the services after it
-    are pointed at the proxy; the :class:`shared.lab.chaos.ChaosController` (:attr:`chaos`)
-    serves its HTTP API on ``settings.chaos_http_port`` (:attr:`chaos_port`).
+    With ``chaos=True`` a :class:`shared.lab.chaos.proxy.ChaosProxy` is started in front of
+    the ISO port of the gateway, billing and the HSM as each comes up, and the services
+    after it are pointed at the proxy; the
+    :class:`shared.lab.chaos.controller.ChaosController` (:attr:`chaos`) serves its HTTP API
+    on ``settings.chaos_http_port`` (:attr:`chaos_port`).
     """
 
     def __init__(
@@ -75,7 +76,7 @@ class Network:
         self.chaos: ChaosController | None = None
         self.chaos_port: int | None = None
         if chaos:
-            from shared.lab.chaos import ChaosController
+            from shared.lab.chaos.controller import ChaosController
 
             self.chaos = ChaosController(settings)
 
@@ -103,7 +104,7 @@ class Network:
     ) -> str:
         """Register ``svc`` with the chaos controller; the address its clients should use
         (its proxy's for a proxied link, else its own)."""
-        from shared.lab.chaos import LINKS
+        from shared.lab.chaos.controller import LINKS
 
         assert self.chaos is not None
         self.chaos.iso_targets[name] = (host, ports.iso)

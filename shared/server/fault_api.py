@@ -3,8 +3,8 @@
 
 Every service with a database serves these routes (the operator token changes the switch,
 see :mod:`shared.server.auth`); the switch itself is :class:`shared.store.db.DatabaseFault`.
-The chaos controller (:mod:`shared.lab.chaos`) runs in the services' process and calls the
-switch directly; see ``docs/chaos.md``.
+The chaos controller (:mod:`shared.lab.chaos.controller`) runs in the services' process and
+calls the switch directly; see ``docs/chaos.md``.
 """
 
 from __future__ import annotations

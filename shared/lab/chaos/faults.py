@@ -6,7 +6,8 @@ side of a proxied connection, how long to hold it, whether to drop it, whether t
 the connection, and how much of it to deliver before closing. :class:`Pacer` spreads
 chunks over time under a bandwidth cap. Nothing here does I/O; randomness comes from an
 injected :class:`random.Random` and time from the caller, so every decision is testable
-without sockets (see ``tests/test_faults.py``). The trio shell is :mod:`shared.lab.chaos`.
+without sockets (see ``tests/test_faults.py``). The trio shell is
+:mod:`shared.lab.chaos.proxy`.
 
 Human forms accepted by :meth:`Faults.from_dict`: durations ``"300ms"``, ``"1.5s"``,
 ``"2m"``, ``"0"`` or a number of seconds; rates ``"10kB/s"``, ``"1MB/s"``, ``"512B/s"``
