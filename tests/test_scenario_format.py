@@ -1,5 +1,5 @@
-"""The scenario format (``shared/lab/scenario.py``): loading, validation messages, conditions,
-code and count checks, results. No sockets."""
+"""The scenarios' sans-IO parts (``shared/lab/scenario/``: format, checks, report): loading,
+validation messages, conditions, code and count checks, results. No sockets."""
 
 from __future__ import annotations
 
@@ -9,31 +9,31 @@ from typing import Any
 
 import pytest
 
-from shared.lab.scenario import (
+from shared.lab.scenario.checks import (
+    approval_kind,
+    check_counts,
+    codes_match,
+    count_ok,
+    evaluate,
+    metric_value,
+    postings_posted_twice,
+)
+from shared.lab.scenario.format import (
     NO_ANSWER,
     BreakerCondition,
     BurstStep,
     LinkCondition,
     MetricCondition,
     PayStep,
-    Report,
     SafCondition,
     SafDepthCondition,
     ScenarioError,
-    StepResult,
     WaitStep,
-    approval_kind,
     auto_bills_needed,
-    check_counts,
-    codes_match,
-    count_ok,
-    evaluate,
-    exit_code,
     load_scenario,
-    metric_value,
     parse_count,
-    postings_posted_twice,
 )
+from shared.lab.scenario.report import Report, StepResult, exit_code
 from shared.ops.settings import Settings
 
 SHIPPED = sorted((Path(__file__).parent.parent / "docs" / "scenarios").glob("*.json"))

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from shared.cli.scenarios import load_file, shipped_files
-from shared.lab.scenario import Report, StepResult, load_scenario
-from shared.lab.scenario_runner import run_self_started
+from shared.lab.scenario.format import load_scenario
+from shared.lab.scenario.report import Report, StepResult
+from shared.lab.scenario.runner import run_self_started
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = shipped_files()

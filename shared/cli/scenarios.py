@@ -18,14 +18,8 @@ import typer
 from rich.markup import escape
 
 from shared.errors import PaylabError
-from shared.lab.scenario import (
-    Report,
-    Scenario,
-    ScenarioError,
-    StepResult,
-    exit_code,
-    load_scenario,
-)
+from shared.lab.scenario.format import Scenario, ScenarioError, load_scenario
+from shared.lab.scenario.report import Report, StepResult, exit_code
 from shared.ops.settings import Settings
 
 #: Where the shipped scenarios live (in the source tree).
@@ -70,7 +64,7 @@ def _run_one(
     report (with the reason), not a traceback."""
     import trio
 
-    from shared.lab.scenario_runner import run_attached, run_self_started
+    from shared.lab.scenario.runner import run_attached, run_self_started
 
     if attach:
         call = partial(

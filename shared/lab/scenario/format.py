@@ -1,30 +1,27 @@
-"""Scenarios: JSON files of steps that drive the network, break it and check it (sans-IO).
+"""The scenario format: JSON documents of steps that drive the network, break it and check
+it, loaded and validated into typed steps (sans-IO).
 
-This module is the format and every decision about it, with no I/O: loading and validating
-a document into typed steps (:func:`load_scenario`), evaluating a wait condition against a
-snapshot of the network (:func:`evaluate`), comparing response codes and counts, and the
-results (:class:`StepResult`, :class:`Report`). The trio shell that performs the steps is
-``shared/lab/scenario_runner.py``; the format is documented in ``docs/scenarios.md``.
+:func:`load_scenario` turns a document into a :class:`Scenario` of typed steps and wait
+conditions, or raises :class:`ScenarioError` naming the step, its kind and the field. How
+a step's outcome is judged is ``shared/lab/scenario/checks.py``, the results
+``shared/lab/scenario/report.py``, the trio shell that performs the steps
+``shared/lab/scenario/runner.py``; the format is documented in ``docs/scenarios.md``.
 
 A document::
 
     {"name": "normal flow", "description": "...", "settings": {"breaker_open_wait": 2},
      "steps": [{"do": "pay", "bill": "auto", "expect": ["00"], "as": "p1"}, ...]}
 
-Steps are numbered from 1 in every message. A document that does not fit raises
-:class:`ScenarioError` naming the step, its kind and the field.
+Steps are numbered from 1 in every message.
 """
 
 from __future__ import annotations
 
 import json
-import operator
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal
 
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -36,23 +33,6 @@ from pydantic import (
 )
 
 from shared.errors import PaylabError
-
-__all__ = [
-    "NO_ANSWER",
-    "Condition",
-    "Report",
-    "Scenario",
-    "ScenarioError",
-    "Step",
-    "StepResult",
-    "auto_bills_needed",
-    "check_counts",
-    "codes_match",
-    "evaluate",
-    "load_scenario",
-    "metric_value",
-    "parse_count",
-]
 
 #: The "code" of a request that got no answer at all (the connection closed, or a timeout).
 NO_ANSWER = "no_answer"
@@ -67,22 +47,13 @@ SAF_STATES = ("queued", "in_flight", "done", "dead", "cancelled")
 
 _CODE = re.compile(r"^(\d{2}|no_answer)$")
 _COUNT = re.compile(r"^\s*(>=|<=|==|!=|>|<|=)?\s*(\d+)\s*$")
-_OPS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge,
-    "<=": operator.le,
-    "==": operator.eq,
-    "=": operator.eq,
-    "!=": operator.ne,
-    ">": operator.gt,
-    "<": operator.lt,
-}
 
 
 class ScenarioError(PaylabError):
     """A scenario document that cannot be used; the message names the step and field."""
 
 
-# -- counts and codes (pure) ------------------------------------------------------------------
+# -- counts ---------------------------------------------------------------------------------------
 def parse_count(spec: str | int) -> tuple[str, int]:
     """``">=1"``, ``"0"``, ``"< 5"`` or an int -> (operator, number); ValueError otherwise."""
     if isinstance(spec, bool):
@@ -98,58 +69,6 @@ def parse_count(spec: str | int) -> tuple[str, int]:
         )
     op = m.group(1) or "=="
     return ("==" if op == "=" else op), int(m.group(2))
-
-
-def compare(value: float, op: str, target: float) -> bool:
-    """``value <op> target`` for one of ``>= <= == != > <``."""
-    try:
-        return _OPS[op](value, target)
-    except KeyError:
-        raise ValueError(f"unknown comparison {op!r}") from None
-
-
-def count_ok(value: float, spec: str | int) -> bool:
-    """Whether ``value`` satisfies a count spec (:func:`parse_count`)."""
-    op, n = parse_count(spec)
-    return compare(value, op, n)
-
-
-def codes_match(code: str | None, expect: Sequence[str]) -> bool:
-    """Whether a response code (None: no answer) is one of ``expect`` (may hold ``no_answer``)."""
-    return (NO_ANSWER if code is None else code) in expect
-
-
-def check_counts(
-    codes: Iterable[str | None],
-    *,
-    expect: Sequence[str] | None = None,
-    expect_counts: Mapping[str, str | int] | None = None,
-) -> tuple[bool, dict[str, int], list[str]]:
-    """Judge the answers of a burst: (ok, counts by code, problems).
-
-    ``expect``: every answer must be one of these codes. ``expect_counts``: per code (or
-    ``no_answer``), a count spec its number of answers must satisfy; codes not named are
-    free. Both may be given.
-    """
-    counts: dict[str, int] = {}
-    for code in codes:
-        key = NO_ANSWER if code is None else code
-        counts[key] = counts.get(key, 0) + 1
-    problems: list[str] = []
-    if expect is not None:
-        stray = {c: n for c, n in counts.items() if c not in expect}
-        if stray:
-            shown = ", ".join(f"{n}x {c}" for c, n in sorted(stray.items()))
-            problems.append(f"unexpected answers {shown} (expected only {', '.join(expect)})")
-    for code, spec in (expect_counts or {}).items():
-        if not count_ok(counts.get(code, 0), spec):
-            problems.append(f"{code}: {counts.get(code, 0)}, expected {spec}")
-    return not problems, counts, problems
-
-
-def format_counts(counts: Mapping[str, int]) -> str:
-    """``"00 x12, 91 x3"``: a burst's answers for a one-line detail."""
-    return ", ".join(f"{c} x{n}" for c, n in sorted(counts.items())) or "no answers"
 
 
 # -- the document -------------------------------------------------------------------------------
@@ -679,179 +598,3 @@ def auto_bills_needed(scenario: Scenario) -> int:
         elif isinstance(step, SendStep) and step.message == "payment" and step.bill == "auto":
             n += 1
     return n
-
-
-# -- conditions against a snapshot --------------------------------------------------------------
-def metric_value(text: str, name: str, labels: Mapping[str, str]) -> float:
-    """The sum of the samples of ``name`` in Prometheus text whose labels include ``labels``.
-
-    A counter may be named with or without its ``_total`` suffix. No matching sample: 0.
-    """
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name != name:
-                continue
-            if all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
-def needs(condition: Condition) -> str:
-    """Which part of a snapshot a condition reads: breakers, saf, links or metrics:<svc>."""
-    if isinstance(condition, BreakerCondition):
-        return "breakers"
-    if isinstance(condition, SafDepthCondition | SafCondition):
-        return "saf"
-    if isinstance(condition, LinkCondition):
-        return "links"
-    return f"metrics:{condition.service}"
-
-
-def evaluate(condition: Condition, snapshot: Mapping[str, Any]) -> tuple[bool, str]:
-    """Whether ``condition`` holds on ``snapshot``, and what was seen.
-
-    The snapshot holds what the runner fetched, under :func:`needs`'s keys:
-    ``breakers``: the gateway's ``GET /breakers``; ``saf``: ``GET /saf/stats``; ``links``:
-    ``GET /links``; ``metrics:<service>``: that service's ``/metrics`` text. A part that
-    is missing makes the condition false (``seen`` says why).
-    """
-    part = snapshot.get(needs(condition))
-    if part is None:
-        return False, f"no {needs(condition)} data"
-    if isinstance(condition, BreakerCondition):
-        states = [condition.state] if isinstance(condition.state, str) else condition.state
-        for b in part.get("breakers", []):
-            if b.get("name") == condition.breaker:
-                return b.get("state") in states, f"breaker {condition.breaker} {b.get('state')}"
-        return False, f"no breaker {condition.breaker}"
-    if isinstance(condition, SafDepthCondition):
-        depth = int(part.get("depth", 0))
-        return count_ok(depth, condition.saf_depth), f"queue depth {depth}"
-    if isinstance(condition, SafCondition):
-        counts = part.get("counts", {})
-        seen = {s: int(counts.get(s, 0)) for s in condition.saf}
-        ok = all(count_ok(seen[s], spec) for s, spec in condition.saf.items())
-        return ok, "queue " + ", ".join(f"{s} {n}" for s, n in seen.items())
-    if isinstance(condition, LinkCondition):
-        for link in part.get("links", []):
-            if link.get("name") == condition.link:
-                up = int(link.get("healthy", 0))
-                target = max(int(link.get("target", 1)), 1)
-                healthy = link.get("breaker") == "closed" and up >= target
-                ok = condition.healthy is None or healthy == condition.healthy
-                if condition.connections is not None:
-                    ok = ok and count_ok(up, condition.connections)
-                return ok, (
-                    f"link {condition.link} {up}/{link.get('target')} healthy, "
-                    f"breaker {link.get('breaker')}"
-                )
-        return False, f"no link {condition.link}"
-    value = metric_value(str(part), condition.metric, condition.labels)
-    return compare(value, condition.op, condition.value), f"{condition.metric} = {value:g}"
-
-
-# -- results ----------------------------------------------------------------------------------
-def postings_posted_twice(postings: Iterable[tuple[str, str]]) -> dict[str, int]:
-    """Bills with more than one live posting, from (bill number, status) pairs."""
-    live: dict[str, int] = {}
-    for bill, status in postings:
-        if status == "posted":
-            live[bill] = live.get(bill, 0) + 1
-    return {b: n for b, n in live.items() if n > 1}
-
-
-def approval_kind(approval_code: str | None) -> str | None:
-    """``standin`` for ``SI`` + 4 digits, ``online`` for a biller's 6 digits, else None."""
-    if approval_code is None:
-        return None
-    if re.fullmatch(r"SI\d{4}", approval_code):
-        return "standin"
-    if re.fullmatch(r"\d{6}", approval_code):
-        return "online"
-    return None
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """The outcome of one step: ``index`` from 1, ``seconds`` it took."""
-
-    index: int
-    name: str
-    ok: bool
-    detail: str
-    seconds: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "name": self.name,
-            "ok": self.ok,
-            "detail": self.detail,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-@dataclass
-class Report:
-    """The results of one scenario run; ``skipped`` steps were not run after a failure."""
-
-    scenario: str
-    source: str
-    results: list[StepResult] = field(default_factory=list)
-    total_steps: int = 0
-    error: str | None = None
-
-    @property
-    def passed(self) -> int:
-        return sum(r.ok for r in self.results)
-
-    @property
-    def failed(self) -> int:
-        return sum(not r.ok for r in self.results)
-
-    @property
-    def skipped(self) -> int:
-        return max(self.total_steps - len(self.results), 0)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.failed == 0 and self.skipped == 0
-
-    @property
-    def seconds(self) -> float:
-        return sum(r.seconds for r in self.results)
-
-    def first_failure(self) -> StepResult | None:
-        return next((r for r in self.results if not r.ok), None)
-
-    def summary(self) -> str:
-        """One line: ``PASS name: 7 steps passed`` or the failures and what was skipped."""
-        verdict = "PASS" if self.ok else "FAIL"
-        parts = [f"{self.passed} passed"]
-        if self.failed:
-            parts.append(f"{self.failed} failed")
-        if self.skipped:
-            parts.append(f"{self.skipped} skipped")
-        line = f"{verdict} {self.scenario}: {', '.join(parts)} in {self.seconds:.1f} s"
-        if self.error:
-            line += f" ({self.error})"
-        return line
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "scenario": self.scenario,
-            "source": self.source,
-            "ok": self.ok,
-            "passed": self.passed,
-            "failed": self.failed,
-            "skipped": self.skipped,
-            "error": self.error,
-            "seconds": round(self.seconds, 3),
-            "steps": [r.as_dict() for r in self.results],
-        }
-
-
-def exit_code(reports: Sequence[Report]) -> int:
-    """0 when every scenario passed, 1 otherwise (a bad file is 2, decided before running)."""
-    return 0 if all(r.ok for r in reports) else 1

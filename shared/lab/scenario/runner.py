@@ -1,4 +1,6 @@
-"""Running scenarios (``paylab scenarios run``): the trio shell around ``shared/lab/scenario.py``.
+"""Running scenarios (``paylab scenarios run``): the trio shell that performs the steps of a
+:class:`~shared.lab.scenario.format.Scenario` and judges them with
+``shared/lab/scenario/checks.py``.
 
 A scenario runs against a network this module starts itself (:func:`run_self_started`: the
 four services in-process with chaos proxies on every link, ephemeral ports, a temporary data
@@ -36,7 +38,17 @@ from shared.errors import PaylabError
 from shared.iso import codec
 from shared.iso.framing import FrameParser, encode_frame
 from shared.iso.messages import Message, network_request
-from shared.lab.scenario import (
+from shared.lab.scenario.checks import (
+    approval_kind,
+    check_counts,
+    codes_match,
+    count_ok,
+    evaluate,
+    format_counts,
+    needs,
+    postings_posted_twice,
+)
+from shared.lab.scenario.format import (
     NO_ANSWER,
     BreakerStep,
     BurstStep,
@@ -49,22 +61,13 @@ from shared.lab.scenario import (
     PayStep,
     ReconcileStep,
     RepeatStep,
-    Report,
     ReverseStep,
     Scenario,
     SendStep,
-    StepResult,
     WaitStep,
-    approval_kind,
     auto_bills_needed,
-    check_counts,
-    codes_match,
-    count_ok,
-    evaluate,
-    format_counts,
-    needs,
-    postings_posted_twice,
 )
+from shared.lab.scenario.report import Report, StepResult
 from shared.ops.settings import Settings
 
 #: The card every generated bill's payment uses by default (its holder owns the bills).
