@@ -11,33 +11,10 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from shared.lab.chaos.faults import Faults, FaultSpecError
-from shared.ops.settings import Settings
+from shared.cli.console import fail, load_settings, out
 
-# The helpers of shared.cli are imported when called: shared.cli imports this module.
-
-
-def fail(message: str) -> None:
-    from shared.cli.app import fail as cli_fail
-
-    cli_fail(message)
-
-
-def _settings() -> Settings:
-    from shared.cli.app import _settings as cli_settings
-
-    return cli_settings()
-
-
-def _out() -> Any:
-    from shared.cli.app import out
-
-    return out
-
-
-chaos_app = typer.Typer(
+app = typer.Typer(
     help="Inject faults: latency, loss, resets, partitions, database outages, floods "
     "(needs `paylab up --chaos`).",
     no_args_is_help=True,
@@ -65,7 +42,7 @@ Link = Annotated[str, typer.Argument(help="Link: gateway, billing or hsm.")]
 def _url(url: str | None) -> str:
     if url:
         return url.rstrip("/")
-    s = _settings()
+    s = load_settings()
     return f"http://{s.host}:{s.chaos_http_port}"
 
 
@@ -75,7 +52,7 @@ def _call(
     """One call to the controller; any failure is one line and exit code 1."""
     import httpx
 
-    bearer = token or _settings().admin_token_operator
+    bearer = token or load_settings().admin_token_operator
     try:
         r = httpx.request(
             method,
@@ -86,12 +63,10 @@ def _call(
         )
     except httpx.HTTPError as exc:
         fail(f"cannot reach {url} ({type(exc).__name__}); is `paylab up --chaos` running?")
-        raise  # unreachable
     try:
         data = r.json()
     except ValueError:
         fail(f"{url}{path} answered HTTP {r.status_code} without JSON")
-        raise
     if r.status_code >= 400:
         fail(str(data.get("error", f"HTTP {r.status_code}")) if isinstance(data, dict) else "")
     return data
@@ -99,6 +74,8 @@ def _call(
 
 def _faults_text(faults: dict[str, Any]) -> str:
     """The faults that are set, briefly ("-" for none)."""
+    from shared.lab.chaos.faults import Faults
+
     f = Faults.from_dict(faults)
     parts = []
     if f.latency or f.jitter:
@@ -117,6 +94,8 @@ def _faults_text(faults: dict[str, Any]) -> str:
 
 
 def _show_links(links: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
     table = Table()
     for col in ("link", "listen", "to", "faults", "conns", "up/down B", "dropped B", "rst/close"):
         table.add_column(col)
@@ -131,10 +110,10 @@ def _show_links(links: list[dict[str, Any]]) -> None:
             str(v["bytes_dropped"]),
             f"{v['resets']}/{v['closes']}",
         )
-    _out().print(table)
+    out.print(table)
 
 
-@chaos_app.command("status")
+@app.command("status")
 def status(
     url: ChaosUrl = None,
     token: Token = None,
@@ -143,22 +122,22 @@ def status(
     """Show the proxied links, their faults and counters, database switches, last flood."""
     data = _call("GET", _url(url), "/chaos", token)
     if as_json:
-        _out().print_json(json.dumps(data))
+        out.print_json(json.dumps(data))
         return
     _show_links(data["links"])
     for name, db in data.get("database", {}).items():
-        _out().print(f"database {name}: {'[bold red]DOWN[/]' if db['down'] else 'up'}")
+        out.print(f"database {name}: {'[bold red]DOWN[/]' if db['down'] else 'up'}")
     flood = data.get("flood")
     if flood:
         state = "running" if flood["running"] else "done"
-        _out().print(
+        out.print(
             f"flood {flood['target']} ({flood['address']}), {state}: opened {flood['opened']}"
             f"/{flood['connections']}, refused {flood['refused']}, "
             f"closed by server {flood['closed_by_server']}"
         )
 
 
-@chaos_app.command("set")
+@app.command("set")
 def set_faults(
     link: Link,
     latency: Annotated[str | None, typer.Option(help="Added per chunk: 300ms, 1.5s.")] = None,
@@ -196,6 +175,8 @@ def set_faults(
             "nothing to set: give at least one of --latency, --jitter, --blackhole, --reset, "
             "--close-after, --bandwidth, --probability"
         )
+    from shared.lab.chaos.faults import Faults, FaultSpecError
+
     try:
         Faults.from_dict(spec)  # a bad value is reported here, before any call
     except FaultSpecError as exc:
@@ -203,13 +184,13 @@ def set_faults(
     _show_links([_call("POST", _url(url), f"/chaos/{link}", token, spec)])
 
 
-@chaos_app.command("partition")
+@app.command("partition")
 def partition(link: Link, url: ChaosUrl = None, token: Token = None) -> None:
     """Cut a link (or `all`): every byte dropped both ways, new connections go nowhere."""
     _show_links(_call("POST", _url(url), f"/chaos/{link}/partition", token))
 
 
-@chaos_app.command("heal")
+@app.command("heal")
 def heal(
     link: Annotated[str, typer.Argument(help="Link: gateway, billing, hsm or all.")],
     url: ChaosUrl = None,
@@ -219,7 +200,7 @@ def heal(
     _show_links(_call("POST", _url(url), f"/chaos/{link}/heal", token))
 
 
-@chaos_app.command("database")
+@app.command("database")
 def database(
     service: Annotated[str, typer.Argument(help="Service: billing, gateway or acquirer.")],
     down: Annotated[
@@ -232,10 +213,10 @@ def database(
     if down is None:
         fail("say --down or --up")
     data = _call("POST", _url(url), f"/chaos/database/{service}", token, {"down": down})
-    _out().print(f"database {service}: {'[bold red]DOWN[/]' if data['down'] else 'up'}")
+    out.print(f"database {service}: {'[bold red]DOWN[/]' if data['down'] else 'up'}")
 
 
-@chaos_app.command("flood")
+@app.command("flood")
 def flood(
     target: Annotated[str, typer.Argument(help="Service whose ISO port to flood: gateway...")],
     connections: Annotated[int, typer.Option(help="Idle connections to open.")] = 300,
@@ -252,25 +233,7 @@ def flood(
     if source is not None:
         body["source"] = source
     data = _call("POST", _url(url), "/chaos/flood", token, body)["flood"]
-    _out().print(
+    out.print(
         f"flood started: {data['connections']} connections to {data['target']} "
         f"({data['address']}) for {data['hold']:g} s; `paylab chaos status` shows the result"
-    )
-
-
-def show_chaos_start(network: Any, host: str) -> None:
-    """The chaos part of `paylab up --chaos`'s start table (stderr)."""
-    from shared.cli.app import err
-
-    assert network.chaos is not None
-    table = Table(title="chaos proxies")
-    for col in ("link", "listen", "forwards to"):
-        table.add_column(col)
-    for v in network.chaos.status():
-        table.add_row(v["name"], v["listen"], v["target"])
-    err.print(table)
-    err.print(
-        f"Chaos control: [bold]http://{host}:{network.chaos_port}/chaos[/] "
-        "(`paylab chaos status`, docs/chaos.md)",
-        soft_wrap=True,
     )

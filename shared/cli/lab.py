@@ -12,46 +12,33 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
-import trio
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from shared.lab.course import (
-    LABS,
-    NETWORK_SERVICES,
-    Finding,
-    LabSnapshot,
-    Prometheus,
-    check,
-    parse_locust_stats,
-)
-from shared.lab.watch import (
-    FETCH_TIMEOUT,
-    AcquirerUrl,
-    BillingUrl,
-    ChaosUrl,
-    GatewayUrl,
-    HsmUrl,
-    Targets,
-    default_targets,
-    fetch_snapshot,
-)
+from shared.cli.console import fail, load_settings, out
+from shared.cli.options import AcquirerUrl, BillingUrl, ChaosUrl, GatewayUrl, HsmUrl, ReaderToken
 
-lab_app = typer.Typer(
+if TYPE_CHECKING:
+    import httpx
+
+    from shared.lab.course import Finding, LabSnapshot
+    from shared.lab.watch import Targets
+
+app = typer.Typer(
     help="The course labs (docs/labs/) and `paylab lab check N`.", no_args_is_help=True
 )
 
 DEFAULT_PROMETHEUS = "http://127.0.0.1:9090"
 
 
-@lab_app.command("list")
+@app.command("list")
 def lab_list() -> None:
     """The labs of the course day, in order, with their pages."""
-    from shared.cli.app import out
+    from rich.table import Table
+
+    from shared.lab.course import LABS
 
     table = Table(title="paylab course labs")
     table.add_column("lab", justify="right")
@@ -65,6 +52,11 @@ def lab_list() -> None:
 
 async def _get_json(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> Any:
     """The JSON body at ``url``; raises ``ValueError`` with a readable reason otherwise."""
+    import httpx
+    import trio
+
+    from shared.lab.watch import FETCH_TIMEOUT
+
     try:
         with trio.fail_after(FETCH_TIMEOUT):
             r = await client.get(url, headers=headers)
@@ -80,6 +72,12 @@ async def _get_json(client: httpx.AsyncClient, url: str, headers: dict[str, str]
 
 async def _read(targets: Targets, prometheus_url: str | None) -> tuple[LabSnapshot, dict[str, str]]:
     """One snapshot of everything a check may need (never raises on a source down)."""
+    import httpx
+    import trio
+
+    from shared.lab.course import LabSnapshot, Prometheus
+    from shared.lab.watch import Targets, fetch_snapshot
+
     health: dict[str, Any] = {}
     prom: dict[str, Any] = {}
     prom_errors: list[str] = []
@@ -126,6 +124,8 @@ async def _read(targets: Targets, prometheus_url: str | None) -> tuple[LabSnapsh
 
 
 def _locust(prefix: str | None) -> tuple[list[dict[str, str]] | None, str | None]:
+    from shared.lab.course import parse_locust_stats
+
     if prefix is None:
         return None, None
     path = Path(f"{prefix}_stats.csv")
@@ -138,7 +138,7 @@ def _locust(prefix: str | None) -> tuple[list[dict[str, str]] | None, str | None
 
 
 def _print(number: int, findings: list[Finding]) -> None:
-    from shared.cli.app import out
+    from shared.lab.course import LABS
 
     lab = LABS[number]
     out.print(f"[bold]Lab {number}: {escape(lab.title)}[/]  (docs/labs/{lab.page})")
@@ -158,7 +158,7 @@ def _print(number: int, findings: list[Finding]) -> None:
         )
 
 
-@lab_app.command("check")
+@app.command("check")
 def lab_check(
     number: Annotated[int, typer.Argument(help="The lab's number (paylab lab list).")],
     gateway_url: GatewayUrl = None,
@@ -177,12 +177,7 @@ def lab_check(
             show_default=False,
         ),
     ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            "--token", help="Reader bearer token (default: admin_token_read).", show_default=False
-        ),
-    ] = None,
+    token: ReaderToken = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
 ) -> None:
     """Has lab N's expected state been reached? A checklist, with what is missing.
@@ -190,11 +185,16 @@ def lab_check(
     Exit code 0 when every check passes, 1 when one does not (or nothing answers), 2 for
     an unknown lab.
     """
-    from shared.cli.app import fail, out
+    import trio
+
+    from shared.lab.course import LABS, NETWORK_SERVICES, LabSnapshot, check
+    from shared.lab.watch import default_targets
 
     if number not in LABS:
         fail(f"unknown lab {number}: the labs are {', '.join(map(str, LABS))} (paylab lab list)", 2)
-    targets = default_targets(gateway_url, acquirer_url, billing_url, hsm_url, chaos_url, token)
+    targets = default_targets(
+        load_settings(), gateway_url, acquirer_url, billing_url, hsm_url, chaos_url, token
+    )
     urls = {**targets.services, "chaos": targets.chaos, "prometheus": prometheus_url}
     for name, url in urls.items():
         if url is not None and not url.startswith(("http://", "https://")):

@@ -12,26 +12,31 @@ import json
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
-from shared.errors import PaylabError
-from shared.lab.scenario.format import Scenario, ScenarioError, load_scenario
-from shared.lab.scenario.report import Report, StepResult, exit_code
-from shared.ops.settings import Settings
+from shared.cli.console import err, fail, load_settings, out
+
+if TYPE_CHECKING:
+    from shared.lab.scenario.format import Scenario
+    from shared.lab.scenario.report import Report, StepResult
+    from shared.ops.settings import Settings
 
 #: Where the shipped scenarios live (in the source tree).
 SHIPPED = Path(__file__).resolve().parents[2] / "docs" / "scenarios"
 
-scenarios_app = typer.Typer(
+app = typer.Typer(
     help="Scripted scenarios: drive the network, break it, check it.", no_args_is_help=True
 )
 
 
 def load_file(path: Path) -> Scenario:
     """Read and validate one scenario file; :class:`ScenarioError` when it cannot be used."""
+    from shared.lab.scenario.format import ScenarioError, load_scenario
+    from shared.ops.settings import Settings
+
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -64,6 +69,8 @@ def _run_one(
     report (with the reason), not a traceback."""
     import trio
 
+    from shared.errors import PaylabError
+    from shared.lab.scenario.report import Report
     from shared.lab.scenario.runner import run_attached, run_self_started
 
     if attach:
@@ -84,7 +91,7 @@ def _run_one(
     return report
 
 
-@scenarios_app.command("run")
+@app.command("run")
 def run(
     files: Annotated[list[Path], typer.Argument(help="Scenario JSON files.")],
     attach: Annotated[
@@ -100,7 +107,8 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Run scenario files: PASS/FAIL per step; exit 0 all passed, 1 a failure, 2 a bad file."""
-    from shared.cli.app import _settings, err, fail, out
+    from shared.lab.scenario.format import ScenarioError
+    from shared.lab.scenario.report import exit_code
     from shared.ops.log import configure_logging
 
     scenarios: list[tuple[Path, Scenario]] = []
@@ -109,7 +117,7 @@ def run(
             scenarios.append((path, load_file(path)))
         except ScenarioError as exc:
             fail(str(exc), code=2)
-    settings = _settings()
+    settings = load_settings()
     # Faults are injected on purpose: the services' own error logs would only be noise here.
     configure_logging("critical" if not attach else settings.log_level, settings.log_format)
 
@@ -138,14 +146,14 @@ def run(
     raise typer.Exit(exit_code(reports))
 
 
-@scenarios_app.command("list")
+@app.command("list")
 def list_scenarios(
     as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
 ) -> None:
     """The shipped scenarios (docs/scenarios/) and what each one shows."""
     from rich.table import Table
 
-    from shared.cli.app import fail, out
+    from shared.lab.scenario.format import ScenarioError
 
     items: list[dict[str, str]] = []
     for path in shipped_files():

@@ -1,4 +1,5 @@
-"""The shell of ``paylab top`` and ``paylab demo``: fetch, compute, draw (trio + httpx + rich).
+"""The shell of the live view (``paylab top``, ``paylab demo``, ``paylab lab check``):
+fetch, compute, draw (trio + httpx + rich).
 
 :func:`fetch_snapshot` reads every source of one :class:`~shared.lab.top.Snapshot` at once (a
 source that does not answer within the deadline is recorded as down); :func:`watch` takes
@@ -9,20 +10,21 @@ elsewhere (CI logs). The logic lives in ``shared/lab/top.py`` and ``shared/lab/t
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
-import typer
 from rich.console import Console
 from rich.live import Live
 
-from shared.lab.top import SERVICES_SHOWN, Snapshot, View, compute_view, parse_seconds
+from shared.lab.top import SERVICES_SHOWN, Snapshot, View, compute_view
 from shared.lab.top_view import render, summary_line
+
+if TYPE_CHECKING:
+    from shared.ops.settings import Settings
 
 #: Deadline of one fetch: a source slower than this is shown as down for that frame.
 FETCH_TIMEOUT = 2.0
@@ -167,6 +169,7 @@ class Screen:
 
 
 def default_targets(
+    settings: Settings,
     gateway_url: str | None = None,
     acquirer_url: str | None = None,
     billing_url: str | None = None,
@@ -174,10 +177,7 @@ def default_targets(
     chaos_url: str | None = None,
     token: str | None = None,
 ) -> Targets:
-    """Targets from explicit URLs, else the settings' host and ports (and reader token)."""
-    from shared.cli.app import _settings
-
-    s = _settings()
+    """Targets from explicit URLs, else ``settings``' host and ports (and reader token)."""
     given = {
         "acquirer": acquirer_url,
         "gateway": gateway_url,
@@ -185,100 +185,29 @@ def default_targets(
         "hsm": hsm_url,
     }
     services = {
-        name: (given[name] or f"http://{s.host}:{s.http_port(name)}").rstrip("/")
+        name: (given[name] or f"http://{settings.host}:{settings.http_port(name)}").rstrip("/")
         for name in SERVICES_SHOWN
     }
     chaos = chaos_url
     if chaos is None:
-        chaos = f"http://{s.host}:{s.chaos_http_port}" if s.chaos_http_port else None
-    return Targets(services, chaos.rstrip("/") if chaos else None, token or s.admin_token_read)
+        chaos = (
+            f"http://{settings.host}:{settings.chaos_http_port}"
+            if settings.chaos_http_port
+            else None
+        )
+    return Targets(
+        services, chaos.rstrip("/") if chaos else None, token or settings.admin_token_read
+    )
 
 
-def _url_opt(name: str) -> Any:
-    return typer.Option(f"--{name}-url", help=f"{name} HTTP base URL (default from settings).")
-
-
-# The network's addresses, as options of every command that reads a running network.
-GatewayUrl = Annotated[str | None, _url_opt("gateway")]
-AcquirerUrl = Annotated[str | None, _url_opt("acquirer")]
-BillingUrl = Annotated[str | None, _url_opt("billing")]
-HsmUrl = Annotated[str | None, _url_opt("hsm")]
-ChaosUrl = Annotated[
-    str | None, typer.Option("--chaos-url", help="Chaos controller (default from settings).")
-]
-
-
-def top(
-    interval: Annotated[
-        str, typer.Option(help="Time between frames: 1s, 500ms, 2 (seconds).")
-    ] = "1s",
-    once: Annotated[
-        bool, typer.Option("--once", help="Print one frame (two reads one interval apart), exit.")
-    ] = False,
-    gateway_url: GatewayUrl = None,
-    acquirer_url: AcquirerUrl = None,
-    billing_url: BillingUrl = None,
-    hsm_url: HsmUrl = None,
-    chaos_url: ChaosUrl = None,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            "--token", help="Reader bearer token (default: admin_token_read).", show_default=False
-        ),
-    ] = None,
-) -> None:
-    """Live view of a running network: TPS, answers by code, links, breakers, queue, chaos.
-
-    Reads each service's /metrics and the gateway's /links, /breakers and /saf/stats (and
-    the chaos controller's /chaos when there is one). A service that does not answer is
-    shown as down; exit code 1 when none answers. Ctrl-C ends it.
-    """
-    from shared.cli.app import err, fail, out
-
-    try:
-        seconds = parse_seconds(interval)
-    except ValueError as exc:
-        fail(f"--interval: {exc}")
-        raise  # unreachable
-    targets = default_targets(gateway_url, acquirer_url, billing_url, hsm_url, chaos_url, token)
-    for name, url in (*targets.services.items(), ("chaos", targets.chaos)):
-        if url is not None and not url.startswith(("http://", "https://")):
-            fail(f"--{name}-url must start with http:// or https:// (got {url!r})")
-    # A chaos controller is optional: ask for it only if it answers now.
-    chaos_checked = trio.run(_chaos_answers, targets)
-    if not chaos_checked and chaos_url is None:
-        targets = Targets(targets.services, None, targets.token)
-
-    def nothing_up(view: View) -> bool:
-        return view.all_down
-
-    if once:
-        view = trio.run(_once, targets, seconds)
-        if view is None or nothing_up(view):
-            fail(_all_down_message(targets))
-            raise  # unreachable
-        out.print(render(view))
-        return
-    first = trio.run(_once, targets, min(seconds, 0.2))
-    if first is None or nothing_up(first):
-        fail(_all_down_message(targets))
-    # Ctrl-C is how top is meant to end.
-    with Screen(out) as screen, contextlib.suppress(KeyboardInterrupt):
-        trio.run(watch, targets, seconds, screen.show)
-    err.print("[dim]paylab top stopped[/]")
-
-
-def _all_down_message(targets: Targets) -> str:
-    ports = ", ".join(targets.services.values())
-    return f"no service answers ({ports}); is the network running (paylab up)?"
-
-
-async def _once(targets: Targets, interval: float) -> View | None:
+async def once(targets: Targets, interval: float) -> View | None:
+    """One view: two snapshots ``interval`` apart."""
     views: list[View] = []
     return await watch(targets, interval, views.append, frames=1)
 
 
-async def _chaos_answers(targets: Targets) -> bool:
+async def chaos_answers(targets: Targets) -> bool:
+    """Whether the chaos controller of ``targets`` answers now (within a second)."""
     if targets.chaos is None:
         return False
     async with httpx.AsyncClient() as client:
