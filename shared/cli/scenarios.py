@@ -2,8 +2,10 @@
 
 ``paylab scenarios run FILE... [--attach] [--keep-going] [--json]`` prints PASS or FAIL per
 step and exits 0 when every scenario passed, 1 when one failed, 2 when a file cannot be
-used (nothing runs then). ``paylab scenarios list`` shows the scenarios in
-``docs/scenarios/`` with their descriptions. The format: ``docs/scenarios.md``.
+used (nothing runs then). A FILE that does not exist may name a shipped scenario
+(``04-billing-outage``). ``paylab scenarios list`` shows the shipped scenarios
+(``shared/lab/scenario/shipped/``, package data) with their descriptions. The format:
+``docs/scenarios.md``.
 """
 
 from __future__ import annotations
@@ -20,33 +22,15 @@ from rich.markup import escape
 from shared.cli.console import err, fail, load_settings, out
 
 if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
     from shared.lab.scenario.format import Scenario
     from shared.lab.scenario.report import Report, StepResult
     from shared.ops.settings import Settings
 
-#: Where the shipped scenarios live (in the source tree).
-SHIPPED = Path(__file__).resolve().parents[2] / "docs" / "scenarios"
-
 app = typer.Typer(
     help="Scripted scenarios: drive the network, break it, check it.", no_args_is_help=True
 )
-
-
-def load_file(path: Path) -> Scenario:
-    """Read and validate one scenario file; :class:`ScenarioError` when it cannot be used."""
-    from shared.lab.scenario.format import ScenarioError, load_scenario
-    from shared.ops.settings import Settings
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError(f"{path}: cannot read: {exc}") from None
-    return load_scenario(text, str(path), known_settings=Settings.model_fields)
-
-
-def shipped_files() -> list[Path]:
-    """The shipped scenario files, in their numbered order."""
-    return sorted(SHIPPED.glob("*.json"))
 
 
 def _line(result: StepResult) -> str:
@@ -58,7 +42,7 @@ def _line(result: StepResult) -> str:
 
 
 def _run_one(
-    path: Path,
+    path: Path | Traversable,
     scenario: Scenario,
     settings: Settings,
     attach: bool,
@@ -93,7 +77,12 @@ def _run_one(
 
 @app.command("run")
 def run(
-    files: Annotated[list[Path], typer.Argument(help="Scenario JSON files.")],
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Scenario JSON files, or names of the shipped ones (paylab scenarios list)."
+        ),
+    ],
     attach: Annotated[
         bool,
         typer.Option(
@@ -107,12 +96,14 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Run scenario files: PASS/FAIL per step; exit 0 all passed, 1 a failure, 2 a bad file."""
+    from shared.lab.scenario.files import load_file, resolve
     from shared.lab.scenario.format import ScenarioError
     from shared.lab.scenario.report import exit_code
     from shared.ops.log import configure_logging
 
-    scenarios: list[tuple[Path, Scenario]] = []
-    for path in files:
+    scenarios: list[tuple[Path | Traversable, Scenario]] = []
+    for name in files:
+        path = resolve(name)
         try:
             scenarios.append((path, load_file(path)))
         except ScenarioError as exc:
@@ -150,9 +141,10 @@ def run(
 def list_scenarios(
     as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
 ) -> None:
-    """The shipped scenarios (docs/scenarios/) and what each one shows."""
+    """The shipped scenarios and what each one shows."""
     from rich.table import Table
 
+    from shared.lab.scenario.files import load_file, shipped_files
     from shared.lab.scenario.format import ScenarioError
 
     items: list[dict[str, str]] = []
