@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from shared import codec, crypto
-from shared.messages import (
+from shared import crypto
+from shared.iso import codec
+from shared.iso.messages import (
     MTI_FINANCIAL,
     MTI_REVERSAL,
     PC_BILL_INQUIRY,
@@ -93,7 +94,7 @@ class RequestBuilder:
         return self.sign(msg)
 
     def sign(self, msg: Message) -> Message:
-        """Add the MAC (field 64 or 128, per :func:`shared.codec.mac_field`)."""
+        """Add the MAC (field 64 or 128, per :func:`shared.iso.codec.mac_field`)."""
         field, data = codec.encode_for_mac(msg)
         msg[field] = crypto.mac_alg3(self.terminal.tak, data).hex().upper()
         return msg

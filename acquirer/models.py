@@ -17,7 +17,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, DateTime, Index, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shared.db import NAMING_CONVENTION
+from shared.store.db import NAMING_CONVENTION
 
 
 class Base(DeclarativeBase):

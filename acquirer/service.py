@@ -31,14 +31,10 @@ from acquirer.builder import RequestBuilder, Terminal
 from acquirer.store import TransactionStore, terminal_row
 from gateway.journal import status_of
 from hsm.keyfile import KeyFile, load_key_file
-from shared import codec
-from shared.auth import public
-from shared.codes import RC, describe
-from shared.db import DatabaseError
 from shared.errors import UpstreamError
-from shared.group_commit import GroupCommit
-from shared.http import json_error
-from shared.messages import (
+from shared.iso import codec
+from shared.iso.codes import RC, describe
+from shared.iso.messages import (
     MTI_ADVICE,
     MTI_FINANCIAL,
     MTI_NETWORK,
@@ -50,8 +46,12 @@ from shared.messages import (
     make_response,
     match_key,
 )
-from shared.service import IsoDialect, IsoFrame, IsoService, decode_iso_keyed
-from shared.settings import Settings
+from shared.ops.settings import Settings
+from shared.server.auth import public
+from shared.server.http import json_error
+from shared.server.service import IsoDialect, IsoFrame, IsoService, decode_iso_keyed
+from shared.store.db import DatabaseError
+from shared.store.group_commit import GroupCommit
 
 
 class AcquirerService(IsoService):

@@ -16,8 +16,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from acquirer.models import CHANNEL_API, CHANNEL_TERMINAL, Transaction
-from shared.db import connection_transaction, engine_of, table_of, transaction
-from shared.messages import (
+from shared.iso.messages import (
     MTI_ADVICE,
     MTI_ADVICE_REPEAT,
     MTI_REVERSAL,
@@ -26,6 +25,7 @@ from shared.messages import (
     original_key,
 )
 from shared.pan import mask_pan
+from shared.store.db import connection_transaction, engine_of, table_of, transaction
 
 _INSERT = insert(table_of(Transaction))
 

@@ -38,8 +38,8 @@ from typing import Final, Protocol
 from sqlalchemy import Connection, Engine, select
 
 from billing.models import Ledger
-from shared.db import is_sqlite, table_of
 from shared.errors import PaylabError
+from shared.store.db import is_sqlite, table_of
 
 #: The marker file in the data directory: the ledger id billing served from it.
 MARKER_NAME: Final = "billing.ledger"

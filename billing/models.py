@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shared.db import NAMING_CONVENTION
+from shared.store.db import NAMING_CONVENTION
 
 CARD_ACTIVE: Final = "active"
 CARD_BLOCKED: Final = "blocked"

@@ -4,11 +4,11 @@ The ISO side is this module; the money rules live in :mod:`billing.store` (idemp
 the transaction's key). Database work runs in a worker thread, one call at a time per
 process: SQLite has one writer anyway, and serialising keeps "check the key, post, store
 the answer" free of races on any database. Requests that arrive while that thread is busy
-are batched into its next call (:class:`shared.group_commit.GroupCommit`): the replay checks
+are batched into its next call (:class:`shared.store.group_commit.GroupCommit`): the replay checks
 and card lookups of many payments in one read, many postings in one transaction with one
 commit. Each answer still waits for the commit of its own posting.
 
-Business metrics (:class:`shared.metrics.BusinessMetrics`) count each fresh outcome once,
+Business metrics (:class:`shared.ops.metrics.BusinessMetrics`) count each fresh outcome once,
 where it is decided: payments and advices by biller and response code with the approved
 amounts, inquiries, reversals; a replayed answer counts as a replay only.
 """
@@ -36,12 +36,9 @@ from billing.store import (
 from hsm.client import HsmClient, HsmCommandFailed, HsmDialect, decode_hsm_keyed
 from hsm.keyfile import KeyFile, load_key_file
 from shared import crypto
-from shared.codes import RC
-from shared.db import DatabaseError, transaction
 from shared.errors import UpstreamError
-from shared.group_commit import GroupCommit
-from shared.http import HealthCheck
-from shared.messages import (
+from shared.iso.codes import RC
+from shared.iso.messages import (
     MTI_ADVICE,
     MTI_ADVICE_REPEAT,
     MTI_FINANCIAL,
@@ -54,10 +51,13 @@ from shared.messages import (
     make_response,
     original_key,
 )
-from shared.metrics import UNKNOWN_BILLER, BusinessMetrics
+from shared.ops.metrics import UNKNOWN_BILLER, BusinessMetrics
+from shared.ops.settings import Settings
 from shared.pan import PanHasher, account_number_12, mask_pan
-from shared.service import IsoFrame, IsoService
-from shared.settings import Settings
+from shared.server.http import HealthCheck
+from shared.server.service import IsoFrame, IsoService
+from shared.store.db import DatabaseError, transaction
+from shared.store.group_commit import GroupCommit
 
 
 def request_digest(msg: Mapping[str, str]) -> str:

@@ -3,7 +3,7 @@
 :class:`BillingStore` is plain synchronous code over a ``sessionmaker``; the ISO-8583 handler
 calls it from a worker thread. Each public method is one database transaction and returns a
 frozen dataclass. Business outcomes (declines) are *returned* as response codes, never raised;
-only infrastructure failures raise, as :class:`shared.db.DatabaseError`. Malformed arguments
+only infrastructure failures raise, as :class:`shared.store.db.DatabaseError`. Malformed arguments
 (an MTI the method does not handle, an over-long key) are programming errors and raise
 ``ValueError``.
 
@@ -61,9 +61,9 @@ from billing.models import (
     ProcessedRequest,
     utcnow,
 )
-from shared.codes import RC
-from shared.db import DatabaseError, connection_transaction, engine_of, table_of, transaction
+from shared.iso.codes import RC
 from shared.pan import mask_pan
+from shared.store.db import DatabaseError, connection_transaction, engine_of, table_of, transaction
 
 __all__ = [
     "ADVICE_MTIS",
@@ -380,7 +380,7 @@ class BillingStore:
     ) -> None:
         self._sessions = sessions
         #: The hot paths (payments, their replay checks, inquiries) run Core statements on
-        #: a plain connection: see :func:`~shared.db.connection_transaction`.
+        #: a plain connection: see :func:`~shared.store.db.connection_transaction`.
         self._engine = engine_of(sessions)
         self._clock = clock
         #: Called inside every write transaction just before its commit; it raises (e.g.
@@ -510,7 +510,7 @@ class BillingStore:
 
         The results are returned only once the transaction has committed: an answer never
         announces a posting that is not durable. If the transaction fails, every request of
-        the batch fails with :class:`~shared.db.DatabaseError` and nothing is posted. A lost
+        the batch fails with :class:`~shared.store.db.DatabaseError` and nothing is posted. A lost
         unique-key race (another process posting the same key, PostgreSQL) retries the batch,
         whose replay checks then return the winner's outcome; if it still fails the requests
         are posted one transaction each, so one contested key cannot fail the others.

@@ -1,7 +1,7 @@
 """The store-and-forward forwarder: delivers queued advices and reversals to billing.
 
 A thin trio shell over :class:`gateway.saf.SafStore` (what is due, in which order, what an
-answer means) and the billing :class:`~shared.upstream.Upstream` (how to reach it):
+answer means) and the billing :class:`~shared.net.upstream.Upstream` (how to reach it):
 
 * it waits for the link instead of hammering it: nothing is claimed while billing is
   unavailable (no healthy connection, or the breaker open);
@@ -10,7 +10,7 @@ answer means) and the billing :class:`~shared.upstream.Upstream` (how to reach i
   (0221, 0421) afterwards, one attempt per claim (the queue's own schedule spaces the
   attempts: the retry schedule, never less than ``saf_retry_interval``);
 * each answer updates the entry and appends a journal row in one transaction, shared by
-  the answers that arrive together (group commit, :mod:`shared.group_commit`); billing's
+  the answers that arrive together (group commit, :mod:`shared.store.group_commit`); billing's
   idempotency makes a repeat harmless, so a crash between sending and recording at worst
   sends the entry once more.
 """
@@ -26,15 +26,15 @@ import trio
 from gateway.journal import journal_row
 from gateway.metrics import SafMetrics
 from gateway.saf import Claimed, Outcome, SafState, SafStore, after_attempt
-from shared import codec
 from shared.errors import DecodeError, UpstreamError
-from shared.group_commit import GroupCommit
-from shared.iso_link import IsoFrame
-from shared.messages import match_key
+from shared.iso import codec
+from shared.iso.messages import match_key
+from shared.net.iso_link import IsoFrame
+from shared.net.upstream import Upstream
+from shared.ops.settings import Settings
 from shared.pan import PanHasher
-from shared.service import retry_policy
-from shared.settings import Settings
-from shared.upstream import Upstream
+from shared.server.service import retry_policy
+from shared.store.group_commit import GroupCommit
 
 R = TypeVar("R")
 #: What one delivery leaves to record: entry id, outcome, journal rows.

@@ -19,10 +19,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.models import JournalEntry, SafEntry
-from shared.codes import RC
-from shared.db import DatabaseError, connection_transaction, engine_of, table_of, transaction
-from shared.group_commit import GroupCommit
-from shared.messages import (
+from shared.iso.codes import RC
+from shared.iso.messages import (
     MTI_FINANCIAL,
     MTI_REVERSAL,
     MTI_REVERSAL_REPEAT,
@@ -31,6 +29,8 @@ from shared.messages import (
     original_key,
 )
 from shared.pan import PanHasher, mask_pan
+from shared.store.db import DatabaseError, connection_transaction, engine_of, table_of, transaction
+from shared.store.group_commit import GroupCommit
 
 
 def status_of(code: str) -> str:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from shared.messages import PC_BILL_PAYMENT
-from shared.ratelimit import KeyedRateLimiter, WindowCounter
-from shared.settings import Settings
+from shared.iso.messages import PC_BILL_PAYMENT
+from shared.ops.settings import Settings
+from shared.resilience.ratelimit import KeyedRateLimiter, WindowCounter
 
 #: The ``limit`` label values of ``paylab_rate_limited_total``.
 LIMITS = ("institution", "terminal", "customer")

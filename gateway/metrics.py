@@ -1,7 +1,7 @@
 """The gateway's own metrics: store-and-forward queue and stand-in.
 
 Registered on the service's registry (``/metrics`` of the gateway), beside the common set
-of :class:`shared.metrics.ServiceMetrics`. Every labelled series is created up front, so a
+of :class:`shared.ops.metrics.ServiceMetrics`. Every labelled series is created up front, so a
 dashboard shows zeros, not gaps, before the first outage.
 """
 

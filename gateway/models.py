@@ -7,7 +7,7 @@ masked copy and a keyed hash only.
 
 The store-and-forward (SAF) queue (:class:`SafEntry`, managed by :mod:`gateway.saf`) holds
 the advices (stand-in approvals) and reversals the gateway owes billing until billing has
-answered them. The message to send is kept sealed (AES-GCM, :mod:`shared.vault`); the clear
+answered them. The message to send is kept sealed (AES-GCM, :mod:`shared.store.vault`); the clear
 columns hold only what operators and the queue's own rules need, never a clear PAN or a PIN
 block.
 """
@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shared.db import NAMING_CONVENTION
+from shared.store.db import NAMING_CONVENTION
 
 
 class Base(DeclarativeBase):
@@ -90,7 +90,7 @@ class SafEntry(Base):
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
     )
-    #: Key of the queued message (:func:`shared.messages.idempotency_key`): one entry per key.
+    #: Key of the queued message (:func:`shared.iso.messages.idempotency_key`): one entry per key.
     idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
     #: For a reversal: the key of the transaction it undoes (from field 90).
     original_key: Mapped[str | None] = mapped_column(String(64), index=True)

@@ -16,7 +16,7 @@ Pure part (no I/O)
 Store
     :class:`SafStore` is plain synchronous code (the service runs it in a worker thread) over
     SQLAlchemy Core on the ``saf_entries`` table. Each public method is one transaction;
-    SQLAlchemy failures surface as :class:`shared.db.DatabaseError`, programming errors
+    SQLAlchemy failures surface as :class:`shared.store.db.DatabaseError`, programming errors
     (bad arguments) as ``ValueError``.
 
     *Claiming.* A forwarder takes due entries with :meth:`SafStore.claim`, which leases them
@@ -76,19 +76,19 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.models import JournalEntry, SafEntry
-from shared import codec
-from shared.codes import is_transient
-from shared.db import DatabaseError, transaction
 from shared.errors import DecodeError, PaylabError
-from shared.messages import (
+from shared.iso import codec
+from shared.iso.codes import is_transient
+from shared.iso.messages import (
     MTI_ADVICE,
     MTI_ADVICE_REPEAT,
     MTI_REVERSAL,
     MTI_REVERSAL_REPEAT,
 )
-from shared.messages import idempotency_key as message_key
-from shared.messages import original_key as reversal_original_key
-from shared.vault import Vault, VaultError
+from shared.iso.messages import idempotency_key as message_key
+from shared.iso.messages import original_key as reversal_original_key
+from shared.store.db import DatabaseError, transaction
+from shared.store.vault import Vault, VaultError
 
 __all__ = [
     "ALLOWED",
@@ -228,7 +228,7 @@ def after_attempt(
 
     * ``code`` final (``00`` or a business decline such as ``88``, ``13``, ``25``): ``DONE``
       with that code. A decline is a final answer too; reconciliation reports it.
-    * ``code`` transient (:func:`shared.codes.is_transient`: ``91``, ``96``, ``68``) or no
+    * ``code`` transient (:func:`shared.iso.codes.is_transient`: ``91``, ``96``, ``68``) or no
       answer: ``QUEUED`` again, due at ``now + delay`` seconds, unless ``attempts >=
       max_attempts`` or the entry is ``max_age`` old or older, which makes it ``DEAD``. The
       error is kept in both cases.
@@ -278,7 +278,7 @@ class NewEntry:
     stored sealed; the other fields are stored in clear for operators and the queue's rules,
     so ``pan_masked`` must be masked (:func:`shared.pan.mask_pan`) and ``pan_hash`` keyed
     (:class:`shared.pan.PanHasher`). ``idempotency_key`` is the key of ``message`` itself
-    (:func:`shared.messages.idempotency_key`). ``original_key`` (reversals) is the key of the
+    (:func:`shared.iso.messages.idempotency_key`). ``original_key`` (reversals) is the key of the
     transaction being undone; left None, the store takes it from the message's field 90.
 
     Raises ValueError from the constructor for values that cannot be stored.

@@ -26,8 +26,8 @@ from starlette.routing import BaseRoute, Route
 
 from gateway.metrics import SafMetrics
 from gateway.saf import SafState, SafStore, SafTransitionError
-from shared.auth import actor_of, audit, audit_stream
-from shared.http import json_error
+from shared.server.auth import actor_of, audit, audit_stream
+from shared.server.http import json_error
 
 RunDb = Callable[..., Awaitable[Any]]
 Handler = Callable[[Request, SafStore], Awaitable[Response]]

@@ -60,12 +60,10 @@ from gateway.standin import (
 )
 from hsm.client import HsmClient, HsmCommandFailed, HsmDialect, decode_hsm_keyed
 from hsm.keyfile import KeyFile, load_key_file
-from shared import codec
-from shared.codes import RC
-from shared.db import DatabaseError
 from shared.errors import DecodeError, UpstreamError, ValidationError
-from shared.http import json_error
-from shared.messages import (
+from shared.iso import codec
+from shared.iso.codes import RC
+from shared.iso.messages import (
     MTI_ADVICE,
     MTI_ADVICE_REPEAT,
     MTI_FINANCIAL,
@@ -80,12 +78,14 @@ from shared.messages import (
     match_key,
     response_mti,
 )
+from shared.iso.validation import validate_response
+from shared.net.upstream import request_deadline
+from shared.ops.settings import Settings
 from shared.pan import PanHasher, account_number_12, mask_pan
-from shared.service import IsoDialect, IsoFrame, IsoService, decode_iso_keyed
-from shared.settings import Settings
-from shared.upstream import request_deadline
-from shared.validation import validate_response
-from shared.vault import Vault
+from shared.server.http import json_error
+from shared.server.service import IsoDialect, IsoFrame, IsoService, decode_iso_keyed
+from shared.store.db import DatabaseError
+from shared.store.vault import Vault
 
 #: payShield key type codes used with M6/M8.
 KEY_TYPE_TAK = "003"

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from shared.codes import RC
-from shared.messages import (
+from shared.iso.codes import RC
+from shared.iso.messages import (
     MTI_ADVICE,
     MTI_FINANCIAL,
     MTI_REVERSAL,
@@ -27,7 +27,7 @@ from shared.messages import (
     build_field90,
     transmission_datetime,
 )
-from shared.settings import Settings
+from shared.ops.settings import Settings
 
 #: Field 38 of a stand-in approval starts with this.
 STANDIN_MARKER = "SI"

@@ -1,7 +1,7 @@
 """Async client of the HSM, used by the gateway and billing.
 
 It turns the sans-IO builders of :mod:`hsm.protocol` into calls over an
-:class:`~shared.upstream.Upstream` (pool, breaker, retry). The 4-character message header
+:class:`~shared.net.upstream.Upstream` (pool, breaker, retry). The 4-character message header
 is the correlation key: many commands are in flight on one connection and each answer
 finds its caller. HSM commands change nothing, so every one is safe to resend.
 """
@@ -14,7 +14,7 @@ from collections.abc import Hashable
 from hsm import protocol
 from hsm.protocol import HsmResponse
 from shared.errors import UpstreamError
-from shared.upstream import Upstream
+from shared.net.upstream import Upstream
 
 
 class HsmCommandFailed(UpstreamError):

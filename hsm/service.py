@@ -21,10 +21,10 @@ from prometheus_client import Counter, Histogram
 
 from hsm.commands import ERR_INTERNAL, ERR_OK, process_with_result
 from hsm.keyfile import KeyFile, load_key_file
-from shared.metrics import LATENCY_BUCKETS, series
-from shared.service import Service
-from shared.settings import Settings
-from shared.tcp import InlineHandler
+from shared.net.tcp import InlineHandler
+from shared.ops.metrics import LATENCY_BUCKETS, series
+from shared.ops.settings import Settings
+from shared.server.service import Service
 
 COMMANDS = ("NC", "CA", "EC", "M6", "M8")
 

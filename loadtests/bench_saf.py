@@ -27,14 +27,14 @@ from sqlalchemy import text
 from gateway.saf import KIND_ADVICE, NewEntry, SafStore
 from gateway.service import GatewayService
 from gateway.standin import advice_of
-from shared import codec
-from shared.db import make_engine, session_factory, upgrade
-from shared.framing import FrameParser, encode_frame
-from shared.messages import make_response
-from shared.network import Network
+from shared.iso import codec
+from shared.iso.framing import FrameParser, encode_frame
+from shared.iso.messages import make_response
+from shared.lab.network import Network
+from shared.ops.settings import Settings
 from shared.pan import PanHasher, mask_pan
-from shared.settings import Settings
-from shared.vault import Vault
+from shared.store.db import make_engine, session_factory, upgrade
+from shared.store.vault import Vault
 from tests.support import DEMO_PAN, DEMO_PIN, lab_settings, terminal_builder
 
 HASHER = PanHasher(b"bench-pan-hash-key")

@@ -2,7 +2,7 @@
 
 The load-test users (``loadtests/locustfile.py``) play terminals talking to the gateway's ISO
 listener. They must not run trio code inside locust's gevent loop, so this module uses only
-the project's sans-IO pieces (``shared.codec``, ``shared.framing``, ``shared.messages``,
+the project's sans-IO pieces (``shared.iso.codec``, ``shared.iso.framing``, ``shared.iso.messages``,
 ``shared.crypto`` through ``acquirer.builder``, and ``hsm.keyfile`` for the shipped test keys)
 over a plain :mod:`socket`. Under locust, :mod:`socket` is monkey-patched by gevent, so every
 blocking call here yields to the other simulated users.
@@ -37,11 +37,11 @@ from billing.demo_data import (
     generated_bill_number,
 )
 from hsm.keyfile import load_key_file
-from shared import codec
-from shared.codes import describe
 from shared.errors import FramingError
-from shared.framing import FrameParser, HeaderKind, encode_frame
-from shared.messages import Message
+from shared.iso import codec
+from shared.iso.codes import describe
+from shared.iso.framing import FrameParser, HeaderKind, encode_frame
+from shared.iso.messages import Message
 
 __all__ = [
     "DEFAULT_ISO_PORT",

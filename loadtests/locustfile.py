@@ -65,7 +65,7 @@ from loadtests.isoclient import (  # noqa: E402
     new_terminal_id,
     parse_target,
 )
-from shared.messages import (  # noqa: E402
+from shared.iso.messages import (  # noqa: E402
     MTI_FINANCIAL_RESP,
     MTI_NETWORK_RESP,
     MTI_REVERSAL_RESP,

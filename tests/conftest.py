@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from shared.log import configure_logging
-from shared.network import Network
+from shared.lab.network import Network
+from shared.ops.log import configure_logging
 from tests.proclab import Lab
 from tests.support import start_network
 

@@ -7,8 +7,8 @@ change to a parser::
     python -m tests.fuzz_long                      # 20 000 examples per target
     python -m tests.fuzz_long --examples 100000 --seed 7 iso_pipeline hsm
 
-Targets: frame_stream (shared/framing.py), iso_pipeline (frame -> shared/codec.py ->
-shared/validation.py), validator (shared/validation.py on generated dicts), hsm
+Targets: frame_stream (shared/iso/framing.py), iso_pipeline (frame -> shared/iso/codec.py ->
+shared/iso/validation.py), validator (shared/iso/validation.py on generated dicts), hsm
 (hsm/commands.py). A failure prints hypothesis' minimal failing example and exits 1.
 ``tests/test_fuzz.py::test_long_fuzz_runner_runs_briefly`` runs it in CI with 30 examples.
 """

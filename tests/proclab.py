@@ -26,10 +26,10 @@ from sqlalchemy import insert, select
 from billing.models import BILL_OPEN, Bill, Customer, Posting
 from billing.store import BillingStore
 from shared import crypto
-from shared.db import make_engine, session_factory, transaction, upgrade
-from shared.network import Network
+from shared.lab.network import Network
+from shared.ops.settings import SERVICES, Settings
 from shared.pan import PanHasher
-from shared.settings import SERVICES, Settings
+from shared.store.db import make_engine, session_factory, transaction, upgrade
 from tests.support import KEYS, admin_headers
 
 T = TypeVar("T")

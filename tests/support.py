@@ -16,11 +16,11 @@ from sqlalchemy.engine import make_url
 
 from acquirer.builder import RequestBuilder, StanCounter, Terminal
 from hsm.keyfile import load_key_file
-from shared import codec
-from shared.framing import FrameParser, HeaderKind, encode_frame
-from shared.messages import Message
-from shared.network import Network
-from shared.settings import Settings
+from shared.iso import codec
+from shared.iso.framing import FrameParser, HeaderKind, encode_frame
+from shared.iso.messages import Message
+from shared.lab.network import Network
+from shared.ops.settings import Settings
 
 KEYS = load_key_file()
 #: PostgreSQL for the tests that need it; they skip when it is not set (CI sets it).
@@ -156,7 +156,7 @@ async def start_network(nursery: trio.Nursery, data_dir: Path, **overrides: Any)
 def postgres_schema(prefix: str) -> Iterator[str]:
     """A URL of a PostgreSQL schema of the caller's own, empty at the start and dropped at
     the end: a test neither sees nor disturbs the tables of other tests on the database."""
-    from shared.db import make_engine
+    from shared.store.db import make_engine
 
     assert POSTGRES_URL is not None
     schema = f"{prefix}_{uuid.uuid4().hex[:12]}"

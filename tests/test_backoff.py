@@ -1,4 +1,5 @@
-"""Tests for shared.backoff: the backoff policy, per-operation retry state, reconnect delays."""
+"""Tests for shared.resilience.backoff: the backoff policy, per-operation retry state,
+reconnect delays."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.backoff import Backoff, ReconnectDelay, RetryState
+from shared.resilience.backoff import Backoff, ReconnectDelay, RetryState
 
 
 def _never() -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.bench import latency_summary, percentile, python_speed
+from shared.lab.bench import latency_summary, percentile, python_speed
 from tests.test_cli import PAYLAB, env, run_cli  # noqa: F401 - env is a fixture
 
 # -- percentiles ------------------------------------------------------------------------------
@@ -64,8 +64,8 @@ def test_latency_summary_in_milliseconds() -> None:
 
 def test_one_encode_builder_sends_what_codec_encodes() -> None:
     """The bench's cheaper builder puts on the wire exactly the signed message's encoding."""
-    from shared import codec
-    from shared.bench import _builders
+    from shared.iso import codec
+    from shared.lab.bench import _builders
 
     for mac in (True, False):
         builder = _builders("BT", 1, mac=mac)[0]

@@ -27,7 +27,7 @@ from billing.ledger import (
 )
 from billing.service import BillingService
 from billing.store import BillingStore
-from shared.db import connection_transaction, make_engine, session_factory, upgrade
+from shared.store.db import connection_transaction, make_engine, session_factory, upgrade
 from tests.support import lab_settings
 
 # --------------------------------------------------------------------------------------------

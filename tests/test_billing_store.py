@@ -35,7 +35,7 @@ from billing.store import (
     ReversalRequest,
     ReversalResult,
 )
-from shared.db import DatabaseError, make_engine, session_factory, transaction, upgrade
+from shared.store.db import DatabaseError, make_engine, session_factory, transaction, upgrade
 from tests.support import DATABASE_BACKENDS, empty_database
 
 MIGRATIONS = "billing:migrations"

@@ -1,4 +1,5 @@
-"""Tests for shared.breaker: the circuit-breaker state machine, driven by a fake clock."""
+"""Tests for shared.resilience.breaker: the circuit-breaker state machine, driven by a fake
+clock."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from shared.breaker import (
+from shared.resilience.breaker import (
     BreakerConfig,
     BreakerSnapshot,
     BreakerState,

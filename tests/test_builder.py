@@ -8,10 +8,10 @@ import pytest
 
 from acquirer.builder import RequestBuilder, StanCounter, make_rrn
 from hsm.keyfile import load_key_file
-from shared import codec
 from shared.crypto import CryptoError, decrypt_pin_block, mac_alg3
-from shared.messages import build_field90, make_response
-from shared.validation import validate_request
+from shared.iso import codec
+from shared.iso.messages import build_field90, make_response
+from shared.iso.validation import validate_request
 from tests.support import make_terminal
 
 KEYS = load_key_file()

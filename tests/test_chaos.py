@@ -21,12 +21,14 @@ import trio
 
 from billing.models import Posting
 from gateway.service import GatewayService
-from shared.breaker import BreakerState
-from shared.chaos import ChaosController, ChaosProxy, flood
-from shared.db import make_engine
-from shared.faults import Faults
-from shared.messages import Message, idempotency_key
-from shared.network import Network
+from shared.iso.messages import Message, idempotency_key
+from shared.lab.chaos.controller import ChaosController
+from shared.lab.chaos.faults import Faults
+from shared.lab.chaos.flood import flood
+from shared.lab.chaos.proxy import ChaosProxy
+from shared.lab.network import Network
+from shared.resilience.breaker import BreakerState
+from shared.store.db import make_engine
 from tests.support import (
     DEMO_PAN,
     DEMO_PIN,

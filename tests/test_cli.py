@@ -159,8 +159,8 @@ def test_sigkill_loses_no_posting_and_a_replay_posts_nothing(
     """A payment approved before a crash is on disk after it; its replay is answered the same."""
     import trio
 
-    from shared import codec
-    from shared.framing import FrameParser, encode_frame
+    from shared.iso import codec
+    from shared.iso.framing import FrameParser, encode_frame
     from tests.support import DEMO_PAN, DEMO_PIN, terminal_builder
 
     request = terminal_builder("KILLTEST").payment("PDAM-0001", 89900, DEMO_PAN, DEMO_PIN)
@@ -204,3 +204,50 @@ def test_sigkill_loses_no_posting_and_a_replay_posts_nothing(
     assert replay["39"] == "00"
     assert replay["38"] == answer["38"]
     assert billing_postings(tmp_path, "PDAM-0001") == 1
+
+
+# -- the command's own layout ----------------------------------------------------------------
+#: What ``paylab --help`` must not load: each command imports these when it runs.
+HEAVY = (
+    "shared.ops.settings",
+    "pydantic",
+    "sqlalchemy",
+    "trio",
+    "httpx",
+    "shared.lab",
+    "shared.net",
+    "shared.server",
+    "shared.store",
+    "gateway",
+    "acquirer",
+    "hsm",
+    "billing.models",
+)
+
+
+def test_help_loads_no_command_body(tmp_path: Path) -> None:
+    probe = (
+        "import sys\n"
+        "sys.argv = ['paylab', '--help']\n"
+        "from shared.cli.app import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"heavy = {HEAVY!r}\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(heavy))\n"
+        "print('LOADED', loaded, file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Usage: paylab" in done.stdout
+    assert "LOADED []" in done.stderr, done.stderr
+
+
+def test_every_service_has_its_command() -> None:
+    from shared.cli import up
+    from shared.ops.settings import SERVICES
+
+    assert up.SERVICES == SERVICES

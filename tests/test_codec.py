@@ -1,4 +1,5 @@
-"""Tests for shared.codec: ISO-8583 encode/decode over paylab's spec, MAC placement, redaction."""
+"""Tests for shared.iso.codec: ISO-8583 encode/decode over paylab's spec, MAC placement,
+redaction."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hsm.keyfile import load_key_file
-from shared import codec
 from shared.errors import DecodeError, ValidationError
-from shared.messages import Message, make_response
+from shared.iso import codec
+from shared.iso.messages import Message, make_response
 from tests.support import terminal_builder
 
 KEYS = load_key_file()

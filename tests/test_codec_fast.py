@@ -1,7 +1,7 @@
 """Differential tests: the codec's fast path against pyiso8583, the codec of record.
 
-The fast path (``shared.codec._fast_encode`` / ``_fast_decode``) must either return exactly
-what pyiso8583 returns over :data:`shared.spec.SPEC` or return ``None`` so the library
+The fast path (``shared.iso.codec._fast_encode`` / ``_fast_decode``) must either return exactly
+what pyiso8583 returns over :data:`shared.iso.spec.SPEC` or return ``None`` so the library
 decides. It must never return a result where the library raises.
 """
 
@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import codec
 from shared.errors import DecodeError, ValidationError
-from shared.spec import SPEC
+from shared.iso import codec
+from shared.iso.spec import SPEC
 from tests.test_codec import BAD_PAYLOADS, MESSAGES
 
 FIELDS = [n for n in range(2, 129) if n != 65]

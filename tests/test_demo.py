@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.reconcile import (
+from shared.lab.demo import Plan, Summary, Tally, caption_for, must_stop_traffic, summarize
+from shared.lab.network import Network
+from shared.lab.reconcile.rules import (
     APPROVED_ONLINE,
     APPROVED_STANDIN,
     REVERSAL,
@@ -20,8 +22,6 @@ from gateway.reconcile import (
     PostingFact,
     reconcile,
 )
-from shared.demo import Plan, Summary, Tally, caption_for, must_stop_traffic, summarize
-from shared.network import Network
 from tests.support import lab_settings
 
 PAYLAB = [sys.executable, "-m", "shared.cli"]

@@ -354,7 +354,7 @@ def test_kustomization_lists_every_manifest() -> None:
 
 def registered_metrics() -> set[str]:
     """Every metric family the four services register, as exposed (counters with _total)."""
-    from shared.network import make_service
+    from shared.lab.network import make_service
     from tests.support import lab_settings
 
     names: set[str] = set()
@@ -380,15 +380,15 @@ def test_every_metric_is_documented() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The database metrics of shared.metrics (the alerts' inputs)
+# The database metrics of shared.ops.metrics (the alerts' inputs)
 
 
 def test_database_metrics_time_calls_and_count_failures() -> None:
     from prometheus_client import CollectorRegistry
     from sqlalchemy.exc import OperationalError
 
-    from shared.db import DatabaseError
-    from shared.metrics import DatabaseMetrics
+    from shared.ops.metrics import DatabaseMetrics
+    from shared.store.db import DatabaseError
 
     registry = CollectorRegistry()
     metrics = DatabaseMetrics(registry, in_use=lambda: 3, waiting=lambda: 2)

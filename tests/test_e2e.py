@@ -13,11 +13,11 @@ import trio
 
 from billing.service import BillingService
 from gateway.service import GatewayService
-from shared import codec
-from shared.codes import RC
-from shared.log import configure_logging
-from shared.messages import MTI_NETWORK, NMI_ECHO, transmission_datetime
-from shared.network import Network
+from shared.iso import codec
+from shared.iso.codes import RC
+from shared.iso.messages import MTI_NETWORK, NMI_ECHO, transmission_datetime
+from shared.lab.network import Network
+from shared.ops.log import configure_logging
 from tests.support import (
     DEMO_PAN,
     DEMO_PIN,
@@ -137,7 +137,8 @@ async def test_reversal_undoes_the_posting(network: Network) -> None:
 
 
 async def test_online_payments_and_reversal_reconcile_clean(network: Network) -> None:
-    from gateway.reconcile import load_client_facts, load_gateway_facts, load_postings, reconcile
+    from shared.lab.reconcile.rules import reconcile
+    from shared.lab.reconcile.sources import load_client_facts, load_gateway_facts, load_postings
 
     paid = await pay(network, "PLN-1003", 212750)
     assert paid["response_code"] == "00"
@@ -232,7 +233,7 @@ async def test_terminal_listener_passes_through(network: Network) -> None:
 async def test_split_and_merged_chunks(network: Network) -> None:
     builder = terminal_builder()
     client = await RawIsoClient.connect(network.ports["gateway"].iso)
-    from shared.framing import encode_frame
+    from shared.iso.framing import encode_frame
 
     a = encode_frame(codec.encode(builder.inquiry("PLN-1005")))
     b = encode_frame(codec.encode(builder.inquiry("PLN-1006")))
@@ -408,7 +409,7 @@ async def test_blocked_card_is_declined_05(network: Network) -> None:
 
 
 async def test_ascii4_framing_end_to_end(tmp_path: Path, nursery: trio.Nursery) -> None:
-    from shared.framing import HeaderKind
+    from shared.iso.framing import HeaderKind
 
     net = await start_network(nursery, tmp_path, framing=HeaderKind.ASCII4)
     try:

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.errors import PaylabError
-from shared.faults import (
+from shared.lab.chaos.faults import (
     NONE,
     ChunkPlan,
     Faults,

@@ -1,4 +1,4 @@
-"""Tests for shared.framing: length-prefixed frames over arbitrary chunking."""
+"""Tests for shared.iso.framing: length-prefixed frames over arbitrary chunking."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import FramingError
-from shared.framing import DEFAULT_MAX_FRAME, FrameParser, HeaderKind, encode_frame
+from shared.iso.framing import DEFAULT_MAX_FRAME, FrameParser, HeaderKind, encode_frame
 
 KINDS = [HeaderKind.BINARY2, HeaderKind.ASCII4]
 

@@ -30,11 +30,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hsm.commands import KNOWN_COMMANDS, process_with_result
-from shared import codec
 from shared.errors import DecodeError, FramingError, ValidationError
-from shared.framing import FrameParser, HeaderKind, encode_frame
-from shared.messages import MTI_NETWORK, NMI_ECHO, transmission_datetime
-from shared.validation import validate_request, validate_response
+from shared.iso import codec
+from shared.iso.framing import FrameParser, HeaderKind, encode_frame
+from shared.iso.messages import MTI_NETWORK, NMI_ECHO, transmission_datetime
+from shared.iso.validation import validate_request, validate_response
 from tests.support import DEMO_PAN, DEMO_PIN, KEYS, terminal_builder
 
 MAX_FRAME = 512

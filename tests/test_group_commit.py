@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from shared.group_commit import GroupCommit
+from shared.store.group_commit import GroupCommit
 
 
 class Writer:

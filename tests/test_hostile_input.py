@@ -13,9 +13,9 @@ import zlib
 import pytest
 import trio
 
-from shared import codec
-from shared.messages import MTI_NETWORK, NMI_ECHO, transmission_datetime
-from shared.network import Network
+from shared.iso import codec
+from shared.iso.messages import MTI_NETWORK, NMI_ECHO, transmission_datetime
+from shared.lab.network import Network
 from tests.support import DEMO_PAN, DEMO_PIN, RawIsoClient, terminal_builder
 
 MUTATIONS = 300

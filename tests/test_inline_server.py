@@ -13,10 +13,10 @@ from pathlib import Path
 import trio
 
 from hsm.service import HsmService
-from shared.framing import DEFAULT_MAX_FRAME, HeaderKind, encode_frame
-from shared.log import get_logger
-from shared.metrics import ServiceMetrics
-from shared.tcp import FramedServer
+from shared.iso.framing import DEFAULT_MAX_FRAME, HeaderKind, encode_frame
+from shared.net.tcp import FramedServer
+from shared.ops.log import get_logger
+from shared.ops.metrics import ServiceMetrics
 from tests.support import RawIsoClient, lab_settings
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 
-from shared.labs import (
+from shared.lab.course import (
     EXPECTED_ALERTS,
     LABS,
     Finding,
@@ -25,8 +25,8 @@ from shared.labs import (
     check,
     parse_locust_stats,
 )
-from shared.network import Network
-from shared.top import Snapshot
+from shared.lab.network import Network
+from shared.lab.top import Snapshot
 from tests.support import (
     DEMO_PAN,
     DEMO_PIN,

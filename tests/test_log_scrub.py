@@ -1,4 +1,4 @@
-"""Tests for shared.log: JSON log lines never carry a clear PAN or a secret value."""
+"""Tests for shared.ops.log: JSON log lines never carry a clear PAN or a secret value."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import structlog
 
-from shared.log import configure_logging, get_logger, scrub_processor
+from shared.ops.log import configure_logging, get_logger, scrub_processor
 
 PAN = "4761739001010010"
 OTHER_PAN = "4111111111111111111"

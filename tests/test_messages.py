@@ -1,4 +1,4 @@
-"""Tests for shared.messages, shared.pan and shared.codes: the message-level vocabulary."""
+"""Tests for shared.iso.messages, shared.pan and shared.iso.codes: the message-level vocabulary."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 
 from acquirer.builder import RequestBuilder
 from hsm.keyfile import load_key_file
-from shared import codes, crypto
-from shared.codes import CODE_TABLE, RC, describe, is_transient
+from shared import crypto
 from shared.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from shared.messages import (
+from shared.iso import codes
+from shared.iso.codes import CODE_TABLE, RC, describe, is_transient
+from shared.iso.messages import (
     ECHOED_FIELDS,
     REQUEST_MTIS,
     build_field90,

@@ -1,10 +1,10 @@
-"""``shared.metrics.series``: remembered label lookups count into the same series."""
+"""``shared.ops.metrics.series``: remembered label lookups count into the same series."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from shared.metrics import series
+from shared.ops.metrics import series
 
 
 def test_a_remembered_child_is_the_metric_child() -> None:

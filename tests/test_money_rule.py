@@ -25,15 +25,15 @@ from acquirer.service import AcquirerService
 from billing.service import BillingService
 from gateway.journal import Journal, journal_row
 from gateway.models import JournalEntry
-from gateway.reconcile import load_client_facts, reconcile_databases
 from gateway.saf import NewEntry, SafStore
 from gateway.service import GatewayService
-from shared import codec
-from shared.db import DatabaseError, make_engine, session_factory, transaction, upgrade
-from shared.messages import idempotency_key
-from shared.network import Network
+from shared.iso import codec
+from shared.iso.messages import idempotency_key
+from shared.lab.network import Network
+from shared.lab.reconcile.sources import load_client_facts, reconcile_databases
 from shared.pan import PanHasher, mask_pan
-from shared.vault import Vault
+from shared.store.db import DatabaseError, make_engine, session_factory, transaction, upgrade
+from shared.store.vault import Vault
 from tests.support import DEMO_PAN, DEMO_PIN, RawIsoClient, terminal_builder
 
 PAN_HASH = PanHasher(b"test pan hashing key")
@@ -182,7 +182,7 @@ def test_journal_write_failure_raises_and_writes_nothing(tmp_path: Path) -> None
     engine = _gateway_db(tmp_path)
     try:
         sessions = session_factory(engine)
-        from shared.db import DatabaseFault
+        from shared.store.db import DatabaseFault
 
         fault = DatabaseFault()
         fault.attach(engine)

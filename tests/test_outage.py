@@ -32,10 +32,10 @@ import trio
 from sqlalchemy import func, select
 
 from gateway.models import SafEntry
-from shared import codec
-from shared.db import make_engine
-from shared.framing import HeaderKind, encode_frame
-from shared.messages import idempotency_key
+from shared.iso import codec
+from shared.iso.framing import HeaderKind, encode_frame
+from shared.iso.messages import idempotency_key
+from shared.store.db import make_engine
 from tests.proclab import (
     BILL_AMOUNT,
     SAF_SETTINGS,

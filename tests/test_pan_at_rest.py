@@ -14,8 +14,8 @@ import trio
 from billing.demo_data import DEMO_CARDS
 from billing.service import BillingService
 from gateway.service import GatewayService
-from shared.log import configure_logging
-from shared.network import Network
+from shared.lab.network import Network
+from shared.ops.log import configure_logging
 from shared.pan import mask_pan
 from tests.support import start_network, wait_for
 

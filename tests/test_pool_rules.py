@@ -11,12 +11,10 @@ import pytest
 
 from hsm import protocol
 from hsm.client import HsmCommandFailed, HsmDialect, decode_hsm_keyed
-from shared import codec
-from shared.admin import health_score
-from shared.codes import RC
 from shared.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from shared.iso_link import IsoDialect, IsoFrame, decode_iso_keyed
-from shared.messages import (
+from shared.iso import codec
+from shared.iso.codes import RC
+from shared.iso.messages import (
     MTI_NETWORK,
     NMI_ECHO,
     NMI_SIGN_OFF,
@@ -25,9 +23,11 @@ from shared.messages import (
     make_response,
     match_key,
 )
-from shared.pool import Candidate, NoHealthyConnection, OutcomeWindow, PoolConfig, PoolExhausted
-from shared.pool import choose as choose_index
-from shared.upstream import RETRY_REASONS, CircuitOpen, Upstream, retry_reason
+from shared.net.iso_link import IsoDialect, IsoFrame, decode_iso_keyed
+from shared.net.pool import Candidate, NoHealthyConnection, OutcomeWindow, PoolConfig, PoolExhausted
+from shared.net.pool import choose as choose_index
+from shared.net.upstream import RETRY_REASONS, CircuitOpen, Upstream, retry_reason
+from shared.server.admin import health_score
 
 MAX = 4  # max_in_flight of the choose() cases
 

@@ -15,7 +15,7 @@ import trio
 from sqlalchemy import MetaData
 
 from billing.service import BillingService
-from shared.db import make_engine
+from shared.store.db import make_engine
 from tests.support import DEMO_PAN, DEMO_PIN, start_network
 
 POSTGRES_URL = os.environ.get("PAYLAB_TEST_POSTGRES_URL")

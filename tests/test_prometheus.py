@@ -41,7 +41,7 @@ import trio
 
 from billing.service import BillingService
 from gateway.service import GatewayService
-from shared.network import Network
+from shared.lab.network import Network
 from tests.support import DEMO_PAN, DEMO_PIN, RawIsoClient, start_network, terminal_builder
 
 yaml = pytest.importorskip("yaml", reason="PyYAML reads deploy/prometheus/*.yml")

@@ -1,4 +1,5 @@
-"""Tests for shared.ratelimit: token buckets, keyed limiters, window counters, connection caps."""
+"""Tests for shared.resilience.ratelimit: token buckets, keyed limiters, window counters,
+connection caps."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.ratelimit import ConnectionLimiter, KeyedRateLimiter, TokenBucket, WindowCounter
+from shared.resilience.ratelimit import (
+    ConnectionLimiter,
+    KeyedRateLimiter,
+    TokenBucket,
+    WindowCounter,
+)
 
 
 class FakeClock:

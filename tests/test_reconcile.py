@@ -1,4 +1,4 @@
-"""gateway.reconcile: the comparison rules, and the loaders on real SQLite databases."""
+"""shared.lab.reconcile: the comparison rules, and the loaders on real SQLite databases."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import pytest
 from billing.models import Bill, Customer, Posting
 from gateway.journal import journal_row
 from gateway.models import JournalEntry
-from gateway.reconcile import (
+from gateway.saf import NewEntry, Outcome, SafState, SafStore
+from shared.iso import codec
+from shared.iso.messages import idempotency_key
+from shared.lab.reconcile.rules import (
     APPROVED_ONLINE,
     APPROVED_STANDIN,
     REVERSAL,
@@ -20,16 +23,12 @@ from gateway.reconcile import (
     Mismatch,
     PostingFact,
     Report,
-    load_gateway_facts,
-    load_postings,
     reconcile,
 )
-from gateway.saf import NewEntry, Outcome, SafState, SafStore
-from shared import codec
-from shared.db import make_engine, session_factory, transaction, upgrade
-from shared.messages import idempotency_key
+from shared.lab.reconcile.sources import load_gateway_facts, load_postings
 from shared.pan import PanHasher, mask_pan
-from shared.vault import Vault
+from shared.store.db import make_engine, session_factory, transaction, upgrade
+from shared.store.vault import Vault
 
 K = "12345|TERM0001|000001|1129100000"
 AMOUNT = 150_000

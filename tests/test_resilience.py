@@ -28,18 +28,18 @@ import trio.testing
 
 from billing.service import BillingService
 from gateway.service import GatewayService
-from shared import codec
-from shared.backoff import Backoff
-from shared.breaker import BreakerState
-from shared.codes import RC
-from shared.framing import FrameParser, encode_frame
-from shared.iso_link import IsoDialect, decode_iso_keyed
-from shared.log import get_logger
-from shared.messages import NMI_ECHO, NMI_SIGN_ON, Message, make_response, match_key
-from shared.metrics import ServiceMetrics
-from shared.network import make_service
-from shared.pool import PoolConfig, UpstreamPool
-from shared.service import Service
+from shared.iso import codec
+from shared.iso.codes import RC
+from shared.iso.framing import FrameParser, encode_frame
+from shared.iso.messages import NMI_ECHO, NMI_SIGN_ON, Message, make_response, match_key
+from shared.lab.network import make_service
+from shared.net.iso_link import IsoDialect, decode_iso_keyed
+from shared.net.pool import PoolConfig, UpstreamPool
+from shared.ops.log import get_logger
+from shared.ops.metrics import ServiceMetrics
+from shared.resilience.backoff import Backoff
+from shared.resilience.breaker import BreakerState
+from shared.server.service import Service
 from tests.support import (
     DEMO_PAN,
     DEMO_PIN,

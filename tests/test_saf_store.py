@@ -38,11 +38,11 @@ from gateway.saf import (
     SafTransitionError,
     SafView,
 )
-from shared import codec
-from shared.db import make_engine, session_factory, transaction, upgrade
-from shared.messages import build_field90, idempotency_key
+from shared.iso import codec
+from shared.iso.messages import build_field90, idempotency_key
 from shared.pan import PanHasher, mask_pan
-from shared.vault import Vault
+from shared.store.db import make_engine, session_factory, transaction, upgrade
+from shared.store.vault import Vault
 from tests.support import DATABASE_BACKENDS, empty_database
 
 MIGRATIONS = "gateway:migrations"

@@ -1,42 +1,44 @@
-"""The scenario format (``shared/scenario.py``): loading, validation messages, conditions,
-code and count checks, results. No sockets."""
+"""The scenarios' sans-IO parts (``shared/lab/scenario/``: format, checks, report): loading,
+validation messages, conditions, code and count checks, results. No sockets."""
 
 from __future__ import annotations
 
 import json
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared.scenario import (
+from shared.lab.scenario.checks import (
+    approval_kind,
+    check_counts,
+    codes_match,
+    count_ok,
+    evaluate,
+    metric_value,
+    postings_posted_twice,
+)
+from shared.lab.scenario.files import resolve, shipped_files
+from shared.lab.scenario.format import (
     NO_ANSWER,
     BreakerCondition,
     BurstStep,
     LinkCondition,
     MetricCondition,
     PayStep,
-    Report,
     SafCondition,
     SafDepthCondition,
     ScenarioError,
-    StepResult,
     WaitStep,
-    approval_kind,
     auto_bills_needed,
-    check_counts,
-    codes_match,
-    count_ok,
-    evaluate,
-    exit_code,
     load_scenario,
-    metric_value,
     parse_count,
-    postings_posted_twice,
 )
-from shared.settings import Settings
+from shared.lab.scenario.report import Report, StepResult, exit_code
+from shared.ops.settings import Settings
 
-SHIPPED = sorted((Path(__file__).parent.parent / "docs" / "scenarios").glob("*.json"))
+SHIPPED = shipped_files()
 
 
 def doc(*steps: dict[str, Any], **extra: Any) -> str:
@@ -83,9 +85,21 @@ def test_a_full_document_loads_into_typed_steps() -> None:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_every_shipped_scenario_is_valid_and_described(path: Path) -> None:
+def test_every_shipped_scenario_is_valid_and_described(path: Traversable) -> None:
     s = load_scenario(path.read_text(), str(path), known_settings=Settings.model_fields)
     assert s.name and s.description
+
+
+def test_a_shipped_scenario_is_found_by_name(tmp_path: Path) -> None:
+    first = SHIPPED[0]
+    assert resolve(Path(first.name)) == first
+    assert resolve(Path(first.name.removesuffix(".json"))) == first
+    # A file that exists wins; a name that is no shipped scenario stays as given.
+    own = tmp_path / first.name
+    own.write_text("{}")
+    assert resolve(own) == own
+    assert resolve(Path("no-such-scenario")) == Path("no-such-scenario")
+    assert resolve(Path("sub") / first.name) == Path("sub") / first.name
 
 
 def test_bad_json_and_non_objects_are_named() -> None:

@@ -1,4 +1,4 @@
-"""The shipped scenarios (``docs/scenarios/``), each on a network of its own with chaos
+"""The shipped scenarios (``shared/lab/scenario/shipped/``), each on a network of its own with chaos
 proxies: this is how CI runs them all. Also the runner's failure path and the CLI (a real
 subprocess): exit codes 0, 1 and 2."""
 
@@ -8,13 +8,15 @@ import json
 import os
 import subprocess
 import sys
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import pytest
 
-from shared.scenario import Report, StepResult, load_scenario
-from shared.scenario_cli import load_file, shipped_files
-from shared.scenario_runner import run_self_started
+from shared.lab.scenario.files import load_file, shipped_files
+from shared.lab.scenario.format import load_scenario
+from shared.lab.scenario.report import Report, StepResult
+from shared.lab.scenario.runner import run_self_started
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = shipped_files()
@@ -34,8 +36,8 @@ def test_every_issue_scenario_is_shipped() -> None:
         assert topic in names
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
-async def test_shipped_scenario_passes(path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name.removesuffix(".json"))
+async def test_shipped_scenario_passes(path: Traversable, tmp_path: Path) -> None:
     seen: list[StepResult] = []
     report = await run_self_started(
         load_file(path), str(path), on_result=seen.append, data_dir=tmp_path / "var"
@@ -106,7 +108,7 @@ def _paylab(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_runs_a_shipped_scenario(tmp_path: Path) -> None:
-    path = ROOT / "docs" / "scenarios" / "01-normal-flow.json"
+    path = ROOT / "shared" / "lab" / "scenario" / "shipped" / "01-normal-flow.json"
     done = _paylab("run", str(path), cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PASS  1. inquire PLN-0001" in done.stdout

@@ -16,14 +16,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from typer.testing import CliRunner
 
-from shared import cli
-from shared.auth import DEFAULT_OPERATOR_TOKEN, DEFAULT_READ_TOKEN, public
-from shared.http import serve_http, service_app
-from shared.log import configure_logging, get_logger
-from shared.metrics import ServiceMetrics
-from shared.network import Network
-from shared.settings import Settings
-from shared.tcp import FramedServer
+from shared.cli import app as cli
+from shared.lab.network import Network
+from shared.net.tcp import FramedServer
+from shared.ops.log import configure_logging, get_logger
+from shared.ops.metrics import ServiceMetrics
+from shared.ops.settings import Settings
+from shared.server.auth import DEFAULT_OPERATOR_TOKEN, DEFAULT_READ_TOKEN, public
+from shared.server.http import serve_http, service_app
 from tests.support import (
     DEMO_PAN,
     DEMO_PIN,
@@ -170,9 +170,9 @@ def test_token_settings_and_defaults() -> None:
 async def test_network_admin_api_is_protected_and_audited(
     tmp_path: Path, nursery: trio.Nursery, log_buffer: io.StringIO
 ) -> None:
-    import shared.service
+    import shared.server.service
 
-    shared.service._warned["admin_token_default"] = False  # warned once per process
+    shared.server.service._warned["admin_token_default"] = False  # warned once per process
     net = await start_network(nursery, tmp_path, log_level="info")
     try:
         gw = f"http://127.0.0.1:{net.ports['gateway'].http}"

@@ -26,13 +26,14 @@ from sqlalchemy import func, select
 from billing.demo_data import DEMO_CARDS, DemoCard
 from billing.service import BillingService
 from gateway.models import SafEntry
-from gateway.reconcile import Report, load_gateway_facts, load_postings, reconcile
 from gateway.service import GatewayService
-from shared import codec
-from shared.db import make_engine, session_factory
-from shared.framing import FrameParser, encode_frame
-from shared.messages import Message, idempotency_key, make_response, original_key
-from shared.network import Network
+from shared.iso import codec
+from shared.iso.framing import FrameParser, encode_frame
+from shared.iso.messages import Message, idempotency_key, make_response, original_key
+from shared.lab.network import Network
+from shared.lab.reconcile.rules import Report, reconcile
+from shared.lab.reconcile.sources import load_gateway_facts, load_postings
+from shared.store.db import make_engine, session_factory
 from tests.proclab import (
     BILL_AMOUNT,
     SAF_SETTINGS,

@@ -17,21 +17,21 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
-from shared.certs import CertsExist, lab_pki, make_ca, make_service_cert, write_lab_pki
-from shared.cli import app
-from shared.framing import HeaderKind, encode_frame
-from shared.log import configure_logging, get_logger
-from shared.metrics import ServiceMetrics
-from shared.network import Network
-from shared.settings import SERVICES
-from shared.tcp import FramedServer
-from shared.tls import (
+from shared.cli.app import app
+from shared.iso.framing import HeaderKind, encode_frame
+from shared.lab.network import Network
+from shared.net.certs import CertsExist, lab_pki, make_ca, make_service_cert, write_lab_pki
+from shared.net.tcp import FramedServer
+from shared.net.tls import (
     TlsConfigError,
     TlsFiles,
     client_context,
     make_client_context,
     make_server_context,
 )
+from shared.ops.log import configure_logging, get_logger
+from shared.ops.metrics import ServiceMetrics
+from shared.ops.settings import SERVICES
 from tests.support import (
     DEMO_PAN,
     DEMO_PIN,

@@ -11,8 +11,7 @@ import pytest
 from rich.console import Console
 
 from gateway.metrics import SafMetrics
-from shared.metrics import ServiceMetrics
-from shared.top import (
+from shared.lab.top import (
     Snapshot,
     View,
     compute_view,
@@ -21,7 +20,8 @@ from shared.top import (
     parse_seconds,
     total,
 )
-from shared.top_view import render, summary_line
+from shared.lab.top_view import render, summary_line
+from shared.ops.metrics import ServiceMetrics
 
 # Answers of a running gateway (GET /links, /breakers, /saf/stats), trimmed.
 LINKS: dict[str, Any] = {

@@ -10,11 +10,11 @@ import trio
 import trio.testing
 
 from gateway.service import GatewayService
-from shared import codec
-from shared.codes import RC
-from shared.framing import FrameParser, encode_frame
-from shared.messages import Message, make_response
-from shared.network import Network
+from shared.iso import codec
+from shared.iso.codes import RC
+from shared.iso.framing import FrameParser, encode_frame
+from shared.iso.messages import Message, make_response
+from shared.lab.network import Network
 from tests.support import (
     DEMO_PAN,
     DEMO_PIN,
@@ -229,11 +229,11 @@ async def test_stop_answers_http_payments_in_flight(tmp_path: Path, nursery: tri
 
 async def test_pool_close_stops_a_reconnecting_pool_at_once(nursery: trio.Nursery) -> None:
     """A pool retrying a refused peer, with long delays, stops as soon as it is closed."""
-    from shared.backoff import Backoff
-    from shared.log import get_logger
-    from shared.metrics import ServiceMetrics
-    from shared.pool import PoolConfig, UpstreamPool
-    from shared.service import IsoDialect, decode_iso_keyed
+    from shared.net.pool import PoolConfig, UpstreamPool
+    from shared.ops.log import get_logger
+    from shared.ops.metrics import ServiceMetrics
+    from shared.resilience.backoff import Backoff
+    from shared.server.service import IsoDialect, decode_iso_keyed
 
     pool = UpstreamPool(
         "billing",

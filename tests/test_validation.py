@@ -1,4 +1,4 @@
-"""Tests for shared.validation: per-MTI request rules and the response check."""
+"""Tests for shared.iso.validation: per-MTI request rules and the response check."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from collections.abc import Callable
 import pytest
 
 from hsm.keyfile import load_key_file
-from shared import codec
 from shared.errors import ValidationError
-from shared.messages import Message
-from shared.validation import FIELD_RULES, MANDATORY, validate_request, validate_response
+from shared.iso import codec
+from shared.iso.messages import Message
+from shared.iso.validation import FIELD_RULES, MANDATORY, validate_request, validate_response
 from tests.support import terminal_builder
 
 KEYS = load_key_file()

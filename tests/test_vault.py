@@ -1,4 +1,4 @@
-"""shared.vault: AES-256-GCM sealing with named keys."""
+"""shared.store.vault: AES-256-GCM sealing with named keys."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ConfigError, PaylabError
-from shared.settings import Settings
-from shared.vault import NONCE_BYTES, Vault, VaultError
+from shared.ops.settings import Settings
+from shared.store.vault import NONCE_BYTES, Vault, VaultError
 
 K1 = bytes(range(32))
 K2 = bytes(range(32, 64))

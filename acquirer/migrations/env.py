@@ -1,6 +1,6 @@
-"""Alembic environment of the acquirer's database (see :mod:`shared.alembic_env`)."""
+"""Alembic environment of the acquirer's database (see :mod:`shared.store.alembic_env`)."""
 
 from acquirer.models import Base
-from shared.alembic_env import run_env
+from shared.store.alembic_env import run_env
 
 run_env("acquirer", Base.metadata)

@@ -1,1 +1,1 @@
-"""Alembic environment of the billing database (run through :func:`shared.db.upgrade`)."""
+"""Alembic environment of the billing database (run through :func:`shared.store.db.upgrade`)."""

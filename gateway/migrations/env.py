@@ -1,6 +1,6 @@
-"""Alembic environment of the gateway's database (see :mod:`shared.alembic_env`)."""
+"""Alembic environment of the gateway's database (see :mod:`shared.store.alembic_env`)."""
 
 from gateway.models import Base
-from shared.alembic_env import run_env
+from shared.store.alembic_env import run_env
 
 run_env("gateway", Base.metadata)

@@ -1,7 +1,7 @@
 """Store-and-forward queue.
 
 Written by hand and frozen (it does not import the models). Constraint and index names
-follow :data:`shared.db.NAMING_CONVENTION`.
+follow :data:`shared.store.db.NAMING_CONVENTION`.
 
 Revision ID: g0002
 Revises: g0001

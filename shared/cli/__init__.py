@@ -1,0 +1,1 @@
+"""The ``paylab`` command. Imports everything, and nothing imports it."""

@@ -1,0 +1,5 @@
+"""``python -m shared.cli``: the ``paylab`` command."""
+
+from shared.cli.app import main
+
+main()

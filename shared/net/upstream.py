@@ -1,0 +1,295 @@
+"""One upstream as a service calls it: a connection pool behind a circuit breaker, with
+retry on transient failures.
+
+:class:`Upstream` is the thin trio shell; the decisions are made by sans-IO pieces:
+:class:`shared.resilience.breaker.CircuitBreaker` (may this call go out?),
+:class:`shared.resilience.backoff.RetryState` (may another attempt start, and after how
+long?) and :func:`retry_reason` (is this failure worth another attempt?).
+
+What is retried (and why):
+
+* nothing was sent (no healthy connection, every connection full): always, it cannot
+  have done anything upstream;
+* the connection broke after sending, or the answer did not come in time: only when the
+  caller says the message is safe to resend (inquiries, echoes, HSM commands). A payment
+  whose outcome is unknown is never resent blindly: the caller answers 68 and reverses it;
+* an answer that says the upstream failed (91 issuer inoperative, 96 system malfunction):
+  the upstream did nothing durable, so trying again is safe;
+* never a business decline (05, 13, 14, 25, 55, 88...), and never a call the open breaker
+  refused: failing fast is the breaker's purpose.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Hashable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import trio
+
+from shared.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from shared.net.pool import UpstreamPool
+from shared.ops.metrics import ServiceMetrics
+from shared.resilience.backoff import Backoff, RetryState
+from shared.resilience.breaker import BreakerConfig, BreakerState, CircuitBreaker, Transition
+
+T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+
+#: Retry reasons (the ``reason`` label of ``paylab_upstream_retries_total``).
+RETRY_REASONS = ("no_connection", "connection_lost", "timeout", "rc_91", "rc_96")
+
+#: The deadline (trio clock) of the request being served by the current task, if any: an
+#: online request sets it once, and every upstream call made for it (HSM and billing, with
+#: their retries) ends by then.
+request_deadline: ContextVar[float | None] = ContextVar("request_deadline", default=None)
+
+#: A single attempt: the policy of upstreams that do not retry (retries happen in one
+#: place, the gateway, so that retries do not multiply along the chain).
+NO_RETRY = Backoff(1.0, 2.0, 16.0, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt(Generic[T]):
+    """The outcome of one attempt: an answer (``failed`` names a failed answer) or an error."""
+
+    answer: T | None = None
+    failed: str | None = None
+    error: UpstreamError | None = None
+
+
+class CircuitOpen(UpstreamUnavailable):
+    """The breaker refused the call: nothing was sent."""
+
+
+class AnswerPolicy(Protocol[T_contra]):
+    """How to read an answer: None when it is a real answer, else a retry reason."""
+
+    def failed_answer(self, response: T_contra) -> str | None: ...
+
+
+def retry_reason(exc: UpstreamError, *, resend_safe: bool) -> str | None:
+    """Why the failed attempt ``exc`` may be tried again, or None when it must not be."""
+    if isinstance(exc, CircuitOpen):
+        return None
+    if isinstance(exc, UpstreamUnavailable):
+        if not exc.sent:
+            return "no_connection"
+        return "connection_lost" if resend_safe else None
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout" if resend_safe else None
+    return None  # e.g. a duplicate key in flight: resending cannot help
+
+
+class BreakerGate:
+    """Connects the breaker to the pool: no connection attempts while it is open.
+
+    * ``connect_wait``: the open period's remaining seconds (infinite when forced open);
+    * while half-open, **one** connection attempt at a time is the probe: the other slots
+      wait for its outcome (``probe_timeout`` bounds the wait should the probe vanish);
+    * a missed heartbeat counts as a failure; an answered one only while half-open.
+    """
+
+    #: How often a slot held back by a probe in progress looks again.
+    PROBE_POLL = 0.05
+
+    def __init__(self, breaker: CircuitBreaker, probe_timeout: float = 5.0) -> None:
+        self.breaker = breaker
+        self._probe_timeout = probe_timeout
+        self._probe_since: float | None = None
+
+    def connect_wait(self) -> float:
+        state = self.breaker.state
+        if state in (BreakerState.OPEN, BreakerState.FORCED_OPEN):
+            return self.breaker.open_remaining()
+        if state is BreakerState.HALF_OPEN:
+            now = trio.current_time()
+            if self._probe_since is not None and now - self._probe_since < self._probe_timeout:
+                return self.PROBE_POLL
+            self._probe_since = now
+        return 0.0
+
+    def connect_result(self, ok: bool) -> None:
+        self._probe_since = None
+        if self.breaker.state is BreakerState.HALF_OPEN:
+            self.breaker.record_event(success=ok)
+
+    def heartbeat_result(self, ok: bool) -> None:
+        if not ok or self.breaker.state is BreakerState.HALF_OPEN:
+            self.breaker.record_event(success=ok)
+
+
+class Upstream(Generic[T]):
+    """Calls to one upstream: breaker check, pool, retry with backoff, metrics.
+
+    Contract of :meth:`call`: returns the upstream's answer (possibly a failed answer such
+    as a 91 when the retries ran out), or raises :class:`UpstreamError`:
+    :class:`CircuitOpen` / ``UpstreamUnavailable(sent=False)`` when nothing was sent,
+    ``UpstreamUnavailable(sent=True)`` / :class:`UpstreamTimeout` when the outcome is
+    unknown.
+    """
+
+    def __init__(
+        self,
+        pool: UpstreamPool[T],
+        answers: AnswerPolicy[T] | None,
+        *,
+        metrics: ServiceMetrics,
+        log: Any,
+        breaker: BreakerConfig,
+        retry: Backoff = NO_RETRY,
+        retry_deadline: float = 30.0,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.name = pool.name
+        self.pool = pool
+        self._answers = answers
+        self._metrics = metrics
+        self._log = log
+        self.retry = retry
+        self.retry_deadline = retry_deadline
+        self._rand = rand
+        self.breaker = CircuitBreaker(
+            pool.name, breaker, trio.current_time, on_transition=self._on_transition
+        )
+        pool.gate = BreakerGate(self.breaker, probe_timeout=2 * pool.config.connect_timeout)
+        for reason in RETRY_REASONS:
+            metrics.upstream_retries.labels(self.name, reason)
+        metrics.upstream_rejected.labels(self.name, "breaker_open")
+        for state in BreakerState:
+            metrics.breaker_transitions.labels(self.name, state.value)
+        self._publish_state(self.breaker.state)
+
+    @property
+    def available(self) -> bool:
+        """True when a call could go out now: the breaker lets it and a connection is up."""
+        return self.breaker_allows and self.pool.connected
+
+    @property
+    def breaker_allows(self) -> bool:
+        """False while the breaker refuses calls (open or forced open)."""
+        return self.breaker.state not in (BreakerState.OPEN, BreakerState.FORCED_OPEN)
+
+    @property
+    def connected(self) -> bool:
+        return self.pool.connected
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.pool.run(task_status=task_status)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # -- breaker bookkeeping ------------------------------------------------------------------
+    def _on_transition(self, t: Transition) -> None:
+        self._metrics.breaker_transitions.labels(self.name, t.to_state.value).inc()
+        self._publish_state(t.to_state)
+        log = self._log.warning if t.to_state is BreakerState.OPEN else self._log.info
+        log(
+            "breaker_transition",
+            upstream=self.name,
+            from_state=t.from_state.value,
+            to_state=t.to_state.value,
+            reason=t.reason,
+        )
+        # Slots waiting for the breaker look again (a reset or half-open lets them connect).
+        if t.to_state not in (BreakerState.OPEN, BreakerState.FORCED_OPEN):
+            self.pool.wake_waiting()
+
+    def _publish_state(self, state: BreakerState) -> None:
+        for s in BreakerState:
+            self._metrics.breaker_state.labels(self.name, s.value).set(1 if s is state else 0)
+
+    def reset_breaker(self) -> None:
+        self.breaker.reset()
+
+    def force_open_breaker(self) -> None:
+        self.breaker.force_open()
+
+    def disable_breaker(self) -> None:
+        self.breaker.disable()
+
+    # -- calls --------------------------------------------------------------------------------
+    async def call(
+        self,
+        payload: bytes,
+        key: Hashable,
+        *,
+        timeout: float,
+        resend_safe: bool,
+        deadline: float | None = None,
+        retry: bool = True,
+    ) -> T:
+        """Send one request, retrying transient failures (see the module docstring).
+
+        ``timeout`` bounds each attempt; ``deadline`` (absolute, trio clock) bounds the
+        whole call, retries and waits included, together with ``retry_deadline`` and the
+        current request's :data:`request_deadline`. ``retry=False`` makes one attempt
+        only (the store-and-forward queue keeps its own schedule).
+        """
+        now = trio.current_time()
+        limit = now + self.retry_deadline
+        if deadline is None:
+            deadline = request_deadline.get()
+        if deadline is not None:
+            limit = min(limit, deadline)
+        state = RetryState(self.retry if retry else NO_RETRY, deadline=limit)
+        while True:
+            budget = state.begin(trio.current_time())
+            if budget is None:  # the request's deadline passed before the first attempt
+                raise UpstreamUnavailable(f"{self.name}: no time left for an attempt")
+            result = await self._attempt(payload, key, min(timeout, budget))
+            if result.error is not None:
+                why = retry_reason(result.error, resend_safe=resend_safe)
+                if why is None:
+                    raise result.error
+            elif result.failed is None:
+                return result.answer  # type: ignore[return-value]
+            else:
+                why = result.failed
+            delay = state.next_delay(trio.current_time(), self._rand)
+            if delay is None:  # attempts or time used up: the last outcome stands
+                if result.error is not None:
+                    raise result.error
+                return result.answer  # type: ignore[return-value]
+            self._metrics.upstream_retries.labels(self.name, why).inc()
+            self._log.info(
+                "upstream_retry",
+                upstream=self.name,
+                reason=why,
+                attempt=state.attempts,
+                delay_s=round(delay, 3),
+            )
+            await trio.sleep(delay)
+
+    async def _attempt(self, payload: bytes, key: Hashable, timeout: float) -> _Attempt[T]:
+        """One attempt through the breaker and the pool."""
+        permit = self.breaker.acquire()
+        if permit is None:
+            self._metrics.upstream_rejected.labels(self.name, "breaker_open").inc()
+            return _Attempt(error=CircuitOpen(f"circuit breaker of {self.name} is open"))
+        start = trio.current_time()
+        try:
+            answer = await self.pool.call(payload, key, timeout)
+        except UpstreamError as exc:
+            self.breaker.record(permit, success=False, duration=trio.current_time() - start)
+            return _Attempt(error=exc)
+        except BaseException:
+            self.breaker.release(permit)  # cancelled: there is no outcome to count
+            raise
+        failed = None if self._answers is None else self._answers.failed_answer(answer)
+        if failed is not None:
+            self.pool.record_answer_failure()
+        self.breaker.record(permit, success=failed is None, duration=trio.current_time() - start)
+        return _Attempt(answer=answer, failed=failed)
+
+    # -- views ---------------------------------------------------------------------------------
+    def link_view(self) -> dict[str, Any]:
+        view = self.pool.view()
+        view["breaker"] = self.breaker.state.value
+        return view
+
+    def breaker_view(self) -> dict[str, Any]:
+        return self.breaker.snapshot().as_dict()

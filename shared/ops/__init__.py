@@ -1,0 +1,1 @@
+"""What an operator sets and sees of a running service: settings, logs, metrics."""

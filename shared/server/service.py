@@ -1,0 +1,437 @@
+"""What every paylab service has in common: an ISO/TCP listener, an HTTP listener with
+/health and /metrics, upstream links, and an orderly start and stop.
+
+A concrete service subclasses :class:`Service`, builds its handler and links in
+``__init__``/:meth:`prepare`, and adds HTTP routes. :meth:`run` starts everything in
+one nursery; :meth:`stop` drains: stop accepting and reading, answer what is in flight
+(upstream links stay open for it), then close links and HTTP.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol, TypeVar
+
+import trio
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
+
+from shared.errors import DecodeError, ValidationError
+from shared.iso import codec
+from shared.iso.codes import RC
+from shared.iso.messages import Message, is_response, make_response
+from shared.iso.validation import validate_request
+from shared.net.iso_link import IsoDialect, IsoFrame, decode_iso_keyed
+from shared.net.pool import LinkDialect, PoolConfig, UpstreamPool
+from shared.net.tcp import FramedServer, InlineHandler
+from shared.net.tls import client_context, server_context
+from shared.net.upstream import NO_RETRY, AnswerPolicy, Upstream
+from shared.ops.log import get_logger
+from shared.ops.metrics import DatabaseMetrics, ServiceMetrics
+from shared.ops.settings import Settings
+from shared.resilience.backoff import Backoff
+from shared.resilience.breaker import BreakerConfig
+from shared.server.admin import health_score, link_routes
+from shared.server.auth import default_tokens_in_use
+from shared.server.fault_api import fault_routes
+from shared.server.http import HealthCheck, serve_http, service_app
+from shared.store.db import DatabaseFault, make_engine, session_factory, upgrade
+
+T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+
+__all__ = ["IsoDialect", "IsoFrame", "IsoService", "Ports", "Service", "decode_iso_keyed"]
+
+
+class Dialect(LinkDialect[T_contra], AnswerPolicy[T_contra], Protocol[T_contra]):
+    """A link's dialect as a service needs it: echo, sign-on/off, and failed answers."""
+
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """Where a running service listens."""
+
+    iso: int
+    http: int
+
+
+class Service:
+    """Base of the four services. Subclasses set ``name`` and implement :meth:`handle`."""
+
+    name = "service"
+    request_mtis: tuple[str, ...] = ()
+    #: Alembic script location of the service's database ("billing:migrations"), or None.
+    migrations: str | None = None
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.log = get_logger(self.name)
+        self.metrics = ServiceMetrics(self.name, self.request_mtis)
+        self.links: list[Upstream[Any]] = []
+        self.ports: Ports | None = None
+        self.server = FramedServer(
+            self.name,
+            self.handle,
+            host=settings.host,
+            port=settings.iso_port(self.name),
+            metrics=self.metrics,
+            log=self.log,
+            kind=settings.framing,
+            max_frame=settings.max_frame,
+            max_in_flight=settings.max_in_flight_per_connection,
+            max_connections_per_source=settings.max_connections_per_source,
+            max_connections=settings.max_connections,
+            frame_timeout=settings.frame_timeout,
+            idle_timeout=settings.idle_timeout,
+            ssl_context=server_context(settings, self.name),
+            handshake_timeout=settings.frame_timeout or 10.0,
+            inline=self.inline_handler(),
+        )
+        #: TLS context of this service's upstream links (None: plain TCP).
+        self.client_ssl = client_context(settings, self.name)
+        self.engine: Engine | None = None
+        self.sessions: sessionmaker[Session] | None = None
+        #: Injected database unavailability (``POST /faults/database``, ``paylab chaos``).
+        self.db_fault = DatabaseFault()
+        # One database call at a time per service: SQLite has a single writer anyway, and
+        # serialising keeps read-check-write sequences free of races on any backend.
+        self._db_limiter = trio.CapacityLimiter(1)
+        self.db_metrics = (
+            None
+            if self.migrations is None
+            else DatabaseMetrics(
+                self.metrics.registry,
+                in_use=self._db_connections_in_use,
+                waiting=lambda: self._db_limiter.statistics().tasks_waiting,
+            )
+        )
+        self._http_stop = trio.Event()
+        self._http_done = trio.Event()
+        self._server_done = trio.Event()
+        self._stopping = False
+
+    # -- for subclasses ---------------------------------------------------------------------
+    async def handle(self, payload: bytes, peer: str) -> bytes | None:
+        """Answer one frame (the payload without its length header)."""
+        raise NotImplementedError
+
+    def inline_handler(self) -> InlineHandler | None:
+        """A synchronous :meth:`handle` for a service whose answers need no waiting at all
+        (the HSM): its frames are then answered in the reading task, see
+        ``FramedServer(inline=)``. None (the default): a task per frame runs :meth:`handle`."""
+        return None
+
+    async def prepare(self) -> None:
+        """Set-up before listening: open the database and bring its schema up to date."""
+        if self.migrations is not None:
+            await trio.to_thread.run_sync(self._open_database, self.migrations)
+
+    def _open_database(self, migrations: str) -> None:
+        self.engine = make_engine(self.settings.db_url(self.name))
+        upgrade(self.engine, migrations)
+        self.db_fault.attach(self.engine)
+        self.sessions = session_factory(self.engine)
+        self.prepare_database(self.sessions)
+
+    async def start_background(self, nursery: trio.Nursery) -> None:
+        """Hook: start the service's own long-running tasks (they must end on :meth:`stop`)."""
+
+    async def stop_background(self) -> None:
+        """Hook: end the tasks of :meth:`start_background`; links are still open meanwhile."""
+
+    def prepare_database(self, sessions: sessionmaker[Session]) -> None:
+        """Hook (worker thread): build stores on ``sessions``, seed data."""
+
+    async def in_db_thread(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run a synchronous database call in a worker thread, one at a time (its wait,
+        duration and failure go to the ``paylab_db_*`` metrics)."""
+        if self.db_metrics is None:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
+        call = self.db_metrics.instrument(fn, *args)
+        return await trio.to_thread.run_sync(call, limiter=self._db_limiter)
+
+    def _db_connections_in_use(self) -> float:
+        """Connections checked out of the engine's pool (0 before the database is open)."""
+        checkedout = getattr(self.engine.pool, "checkedout", None) if self.engine else None
+        return float(checkedout()) if checkedout is not None else 0.0
+
+    async def _database_check(self) -> tuple[bool, str]:
+        if self.engine is None:
+            return False, "not open"
+        ok = await self.in_db_thread(_ping, self.engine)
+        if not ok and self.db_metrics is not None:
+            self.db_metrics.errors.inc()
+        return ok, f"{self.engine.dialect.name} {'reachable' if ok else 'unreachable'}"
+
+    def routes(self) -> Sequence[BaseRoute]:
+        """Extra HTTP routes beside /health and /metrics."""
+        return ()
+
+    def health_checks(self) -> dict[str, HealthCheck]:
+        """Readiness checks; by default one per upstream link."""
+        checks: dict[str, HealthCheck] = {}
+        for link in self.links:
+            checks[link.name] = partial(_link_check, link)
+        if self.migrations is not None:
+            checks["database"] = self._database_check
+        return checks
+
+    #: Whether calls to upstreams are retried. Only the gateway retries: retries at every
+    #: hop would multiply (a retry storm) along acquirer -> gateway -> billing.
+    retries_upstream = False
+
+    def health_extra(self) -> dict[str, Any]:
+        """Figures added to ``/health``: the health score of the upstream links."""
+        return {"score": health_score(self.links)}
+
+    def add_link(
+        self,
+        name: str,
+        address: tuple[str, int],
+        decode: Callable[[bytes], tuple[Hashable, T]],
+        dialect: Dialect[T],
+        *,
+        backup: tuple[str, int] | None = None,
+        on_unmatched: Callable[[bytes, Hashable | None], None] | None = None,
+    ) -> Upstream[T]:
+        """Create an upstream (pool, breaker, retry), started and stopped with the service.
+
+        ``decode`` maps a response payload to (match key, value) and ``dialect`` speaks the
+        link's echo and sign-on: :func:`decode_iso_keyed` and :class:`IsoDialect` for
+        ISO-8583 peers, the HSM client's for the HSM.
+        """
+        s = self.settings
+        pool: UpstreamPool[T] = UpstreamPool(
+            name,
+            address,
+            decode,
+            dialect,
+            metrics=self.metrics,
+            log=self.log,
+            config=pool_config(s, self.client_ssl),
+            backup=backup,
+            kind=s.framing,
+            max_frame=s.max_frame,
+            on_unmatched=on_unmatched,
+        )
+        upstream: Upstream[T] = Upstream(
+            pool,
+            dialect,
+            metrics=self.metrics,
+            log=self.log,
+            breaker=breaker_config(s),
+            retry=retry_policy(s) if self.retries_upstream else NO_RETRY,
+            retry_deadline=s.retry_deadline,
+        )
+        self.links.append(upstream)
+        return upstream
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[Ports] = trio.TASK_STATUS_IGNORED) -> None:
+        """Prepare, start links and listeners, report the ports, serve until stopped."""
+        await self.prepare()
+        async with trio.open_nursery() as nursery:
+            await self.start_background(nursery)
+            for link in self.links:
+                await nursery.start(link.run)
+            iso_port = await nursery.start(self._run_server)
+            routes = [*link_routes(self.links, self.log), *self.routes()]
+            if self.migrations is not None:
+                routes += fault_routes(self.db_fault, self.log)
+            app = service_app(
+                self.name,
+                self.metrics,
+                self.health_checks(),
+                routes,
+                self.log,
+                extra=self.health_extra,
+                admin_tokens=(self.settings.admin_token_read, self.settings.admin_token_operator),
+            )
+            s = self.settings
+            defaults = default_tokens_in_use(s.admin_token_read, s.admin_token_operator)
+            if defaults and not _warned["admin_token_default"]:
+                # Once per process: `paylab up` runs four services with the same settings.
+                _warned["admin_token_default"] = True
+                self.log.warning(
+                    "admin_token_default", settings=list(defaults), hint="lab values: change them"
+                )
+            http_port = await nursery.start(self._run_http, app)
+            self.ports = Ports(iso=iso_port, http=http_port)
+            self.log.info("service_started", iso_port=iso_port, http_port=http_port)
+            task_status.started(self.ports)
+
+    async def _run_server(self, *, task_status: trio.TaskStatus[int]) -> None:
+        try:
+            await self.server.run(task_status=task_status)
+        finally:
+            self._server_done.set()
+
+    async def _run_http(self, app: Starlette, *, task_status: trio.TaskStatus[int]) -> None:
+        try:
+            await serve_http(
+                app,
+                self.settings.host,
+                self.settings.http_port(self.name),
+                shutdown_trigger=self._http_stop.wait,
+                graceful_timeout=self.settings.shutdown_grace,
+                task_status=task_status,
+            )
+        finally:
+            self._http_done.set()
+
+    async def stop(self) -> None:
+        """Drain and stop: in-flight requests are answered, then everything closes."""
+        if self._stopping:
+            return
+        self._stopping = True
+        # Both listeners drain first (HTTP requests too may be waiting on an upstream);
+        # only then do the links and the database close under them.
+        self.server.shutdown(self.settings.shutdown_grace)
+        self._http_stop.set()
+        await self._server_done.wait()
+        await self._http_done.wait()
+        await self.stop_background()
+        for link in self.links:
+            await link.close()
+        await self.close_resources()
+        self.log.info("service_stopped")
+
+    async def close_resources(self) -> None:
+        """Release what :meth:`prepare` opened (the database engine)."""
+        if self.engine is not None:
+            self.engine.dispose()
+
+
+#: Start-up warnings already given in this process.
+_warned = {"admin_token_default": False}
+
+
+def _ping(engine: Engine) -> bool:
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False
+
+
+async def _link_check(link: Upstream[Any]) -> tuple[bool, str]:
+    pool = link.pool
+    detail = (
+        f"{pool.healthy_count}/{pool.target_connections()} connections healthy, "
+        f"breaker {link.breaker.state.value}"
+    )
+    return link.available, detail
+
+
+def pool_config(s: Settings, ssl_context: ssl.SSLContext | None = None) -> PoolConfig:
+    """The pool sizes and timings of ``s``; ``ssl_context`` makes its links TLS."""
+    return PoolConfig(
+        ssl_context=ssl_context,
+        min_connections=s.pool_min_connections,
+        max_connections=max(s.pool_max_connections, s.pool_min_connections),
+        max_in_flight=s.max_in_flight_per_connection,
+        grow_at=s.pool_grow_at,
+        idle_close=s.pool_idle_close,
+        heartbeat_interval=s.heartbeat_interval,
+        heartbeat_timeout=s.heartbeat_timeout,
+        connect_timeout=s.connect_timeout,
+        reconnect=Backoff(
+            s.reconnect_base_delay,
+            2.0,
+            max(s.reconnect_max_delay, s.reconnect_base_delay),
+            1,
+            jitter=True,
+        ),
+    )
+
+
+def breaker_config(s: Settings) -> BreakerConfig:
+    """The circuit-breaker thresholds of ``s``."""
+    return BreakerConfig(
+        window_size=s.breaker_window,
+        minimum_calls=min(s.breaker_minimum_calls, s.breaker_window),
+        failure_rate_threshold=s.breaker_failure_rate,
+        consecutive_failures=s.breaker_consecutive_failures,
+        slow_call_threshold=s.breaker_slow_call or None,
+        open_wait=s.breaker_open_wait,
+        half_open_calls=s.breaker_half_open_calls,
+    )
+
+
+def retry_policy(s: Settings) -> Backoff:
+    """The retry schedule of ``s`` (1, 2, 4, 8, 16 s by default)."""
+    return Backoff(
+        s.retry_base_delay,
+        s.retry_factor,
+        max(s.retry_max_delay, s.retry_base_delay),
+        s.retry_max_attempts,
+        jitter=s.retry_jitter,
+    )
+
+
+class IsoService(Service):
+    """A service whose listener speaks ISO-8583: the decode, validate, answer skeleton.
+
+    Subclasses implement :meth:`dispatch` (a valid request in, the response out) and may
+    override :meth:`finish` (e.g. to add a MAC). The skeleton guarantees the wire rules:
+    an undecodable frame is logged (never its content) and counted, and gets no answer
+    (there is no MTI or STAN to answer to); a decodable but invalid request, including
+    one of an MTI paylab does not handle (e.g. 0100), gets its response MTI with field
+    39 = 30; a response MTI sent to a server is counted and dropped; the connection stays
+    open in every case.
+    """
+
+    #: Financial requests on this listener must carry a MAC (acquirer-to-gateway link).
+    require_mac = False
+
+    async def handle(self, payload: bytes, peer: str) -> bytes | None:
+        start = trio.current_time()
+        try:
+            msg = codec.decode(payload)
+        except DecodeError as exc:
+            self.metrics.frames_rejected.labels("undecodable").inc()
+            self.log.warning("undecodable_frame", peer=peer, size=len(payload), reason=str(exc))
+            return None
+        mti = msg.get("t", "")
+        if is_response(mti):
+            # A response sent to a server answers nothing of ours; it gets no response.
+            self.metrics.frames_rejected.labels("invalid").inc()
+            self.log.warning("unexpected_response", peer=peer, mti=mti)
+            return None
+        self.metrics.in_progress.inc()
+        try:
+            try:
+                validate_request(msg, require_mac=self.require_mac)
+            except ValidationError as exc:
+                self.metrics.frames_rejected.labels("invalid").inc()
+                self.log.info(
+                    "invalid_request", peer=peer, mti=mti, field=exc.field, reason=str(exc)
+                )
+                self.log.debug("invalid_request_fields", message=codec.redact(msg))
+                response = make_response(msg, RC.FORMAT_ERROR)
+            else:
+                response = await self.dispatch(IsoFrame(payload, msg), peer)
+            response = await self.finish(msg, response)
+            out = codec.encode(response)
+        finally:
+            self.metrics.in_progress.dec()
+        self.metrics.requests_of(mti, response.get("39", "--")).inc()
+        self.metrics.duration_of(mti).observe(trio.current_time() - start)
+        return out
+
+    async def dispatch(self, frame: IsoFrame, peer: str) -> Message:
+        """Answer one valid request."""
+        raise NotImplementedError
+
+    async def finish(self, request: Message, response: Message) -> Message:
+        """Last step before encoding (the gateway adds its MAC here)."""
+        return response
