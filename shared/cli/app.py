@@ -31,6 +31,7 @@ from shared.cli import (
     saf,
     scenarios,
     top,
+    trace,
     up,
 )
 
@@ -55,6 +56,7 @@ app.command("certs")(certs.certs)
 app.command("config")(config.config)
 app.command("top")(top.top)
 app.command("demo")(demo.demo)
+app.command("trace")(trace.trace)
 
 # Command groups.
 app.add_typer(db.app, name="db")
