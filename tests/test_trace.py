@@ -18,7 +18,17 @@ from shared.lab.trace_collect import collect, last_rrn
 from shared.lab.watch import Targets
 from shared.ops.settings import DEFAULT_READ_TOKEN
 from shared.server.record import MessageRecord, Query, mask_fields
-from tests.support import admin_headers, start_network, wait_for
+from tests.proclab import BILL_AMOUNT, free_ports
+from tests.support import (
+    DEMO_PAN,
+    DEMO_PIN,
+    RawIsoClient,
+    admin_headers,
+    start_network,
+    terminal_builder,
+    wait_for,
+)
+from tests.test_store_and_forward import FakeBilling, start_gateway_with_fake
 
 CARDS = {card.name: card for card in DEMO_CARDS}
 BUDI, SITI = CARDS["Budi Santoso"], CARDS["Siti Rahayu"]
@@ -209,5 +219,41 @@ async def test_standin_advice_and_reversal_join_the_payment(
         for answer in await _all_messages(net):
             for pan in PANS:
                 assert pan not in answer
+    finally:
+        await net.stop()
+
+
+async def test_reversal_after_68_appears_in_the_payments_trace(
+    tmp_path: Any, nursery: trio.Nursery
+) -> None:
+    """Billing swallows the payment (the gateway answers 68 and queues a 0420): the
+    reversal and billing's answer to it are arrows of the payment's own trace."""
+    (port,) = free_ports(1)
+    fake = FakeBilling(port, lambda msg: None if msg["t"] == "0200" else "00")
+    await fake.start(nursery)
+    net = await start_gateway_with_fake(nursery, tmp_path, port, billing_timeout=0.5)
+    try:
+        builder = terminal_builder("TERMTRCE", stan_start=0)
+        client = await RawIsoClient.connect(net.ports["gateway"].iso)
+        payment = builder.payment("PLN-1004", BILL_AMOUNT, DEMO_PAN, DEMO_PIN)
+        assert (await client.roundtrip(payment))["39"] == "68"
+        await client.aclose()
+        targets = _targets(net)
+
+        async def reversal_answered() -> list[Any]:
+            arrows = build_ladder(await collect(targets, payment["37"]))
+            return [a for a in arrows if a.code == "0430" and a.src == "billing"]
+
+        with trio.fail_after(30):
+            while not await reversal_answered():
+                await trio.sleep(0.2)
+        arrows = build_ladder(await collect(targets, payment["37"]))
+        hops = _hops(arrows)
+        sent = hops.index(("gateway", "billing", "0200"))
+        answered = hops.index(("gateway", "acquirer", "0210"))
+        reversal = hops.index(("gateway", "billing", "0420"))
+        assert sent < answered < reversal, render(arrows)
+        assert arrows[sent].note == "no answer in time"
+        assert arrows[answered].result == "68"
     finally:
         await net.stop()
