@@ -23,6 +23,7 @@ from shared.cli import (
     chaos,
     config,
     db,
+    decode,
     demo,
     lab,
     links,
@@ -30,6 +31,7 @@ from shared.cli import (
     reconcile,
     saf,
     scenarios,
+    send,
     top,
     trace,
     up,
@@ -57,6 +59,8 @@ app.command("config")(config.config)
 app.command("top")(top.top)
 app.command("demo")(demo.demo)
 app.command("trace")(trace.trace)
+app.command("decode")(decode.decode)
+app.command("send")(send.send)
 
 # Command groups.
 app.add_typer(db.app, name="db")
