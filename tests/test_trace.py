@@ -16,6 +16,7 @@ from shared.lab.network import Network
 from shared.lab.trace import build_ladder, render
 from shared.lab.trace_collect import collect, last_rrn
 from shared.lab.watch import Targets
+from shared.ops.log import scrub_processor
 from shared.ops.settings import DEFAULT_READ_TOKEN
 from shared.server.record import MessageRecord, Query, mask_fields
 from tests.proclab import BILL_AMOUNT, free_ports
@@ -121,6 +122,12 @@ def test_masking_matches_the_logs() -> None:
     assert masked["2"] == BUDI.pan[:6] + "*" * (len(BUDI.pan) - 10) + BUDI.pan[-4:]
     assert masked["35"] == masked["52"] == masked["64"] == "[redacted]"
     assert SITI.pan not in masked["48"] and masked["4"] == "000000150000"
+
+
+def test_masking_is_the_log_scrubbers() -> None:
+    values = [f"x{BUDI.pan}y", f"{SITI.pan} and {BUDI.pan}", "1234567890123", "12345", "abc"]
+    scrubbed = scrub_processor(None, "", {str(i): v for i, v in enumerate(values, start=3)})
+    assert mask_fields({str(i): v for i, v in enumerate(values, start=3)}) == scrubbed
 
 
 def test_ladder_of_an_unjoined_message_is_labelled() -> None:

@@ -18,12 +18,12 @@ Contract:
 from __future__ import annotations
 
 import contextvars
+import re
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from shared.ops.log import scrub_processor
 from shared.pan import mask_pan
 
 #: Fields never shown: tracks, PIN block, MACs.
@@ -56,18 +56,27 @@ def key_of(msg: Mapping[str, str]) -> RequestKey:
     return RequestKey(msg.get("37", ""), msg.get("41", ""), msg.get("11", ""), msg.get("7", ""))
 
 
+#: A PAN-like digit run: the log scrubber's pattern (:mod:`shared.ops.log`), which the
+#: tests hold this module to.
+_PAN_RE = re.compile(r"(?<!\d)\d{13,19}(?!\d)")
+
+
+def _scrub(value: str) -> str:
+    """The log scrubber's masking of a string: every 13-19 digit run as first 6 / last 4."""
+    if len(value) < 13:  # too short to hold a PAN: the common case, made cheap
+        return value
+    return _PAN_RE.sub(lambda m: mask_pan(m.group(0)), value)
+
+
 def mask_fields(msg: Mapping[str, str]) -> dict[str, str]:
     """A copy of ``msg`` safe to show: the logs' masking, plus tracks redacted."""
-    out: dict[str, str] = {}
-    for k, v in msg.items():
-        if k == "2":
-            out[k] = mask_pan(v)
-        elif k in REDACTED_FIELDS:
-            out[k] = REDACTED
-        else:
-            out[k] = v
-    scrubbed = scrub_processor(None, "", out)  # PAN-like digit runs anywhere else
-    return dict(scrubbed)
+    return {
+        k: mask_pan(v) if k == "2" else REDACTED if k in _REDACTED_SET else _scrub(v)
+        for k, v in msg.items()
+    }
+
+
+_REDACTED_SET = frozenset(REDACTED_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,12 +150,15 @@ class Query:
 
 
 class MessageRecord:
-    """A bounded ring of :class:`Entry` for one service. ``size`` 0 turns recording off."""
+    """A bounded ring of :class:`Entry` for one service. ``size`` 0 turns recording off.
+
+    Recording is on every message's path, so it only appends a tuple (the masked fields
+    are computed at once; the :class:`Entry` and the times in microseconds when read)."""
 
     def __init__(self, service: str, size: int) -> None:
         self.service = service
         self.size = size
-        self._ring: deque[Entry] = deque(maxlen=max(size, 1))
+        self._ring: deque[tuple[Any, ...]] = deque(maxlen=max(size, 1))
         self._seq = 0
 
     @property
@@ -162,11 +174,28 @@ class MessageRecord:
         return len(self._ring) if self.enabled else 0
 
     def __iter__(self) -> Iterator[Entry]:
-        return iter(self._ring)
+        return (self._entry(t) for t in list(self._ring))
 
-    def _add(self, entry_kw: dict[str, Any]) -> None:
-        self._seq += 1
-        self._ring.append(Entry(seq=self._seq, service=self.service, **entry_kw))
+    def _entry(self, t: tuple[Any, ...]) -> Entry:
+        seq, direction, link, kind, code, mono, wall, rrn, term, stan, tx, result, hdr, note, f = t
+        return Entry(
+            seq,
+            self.service,
+            direction,
+            link,
+            kind,
+            code,
+            int(mono * 1e6),
+            int(wall * 1e6),
+            rrn,
+            term,
+            stan,
+            tx,
+            result,
+            hdr,
+            note,
+            f,
+        )
 
     def iso(
         self,
@@ -180,38 +209,36 @@ class MessageRecord:
         """Record a decoded ISO-8583 message (masked here)."""
         if not self.enabled:
             return
-        self._add(
-            {
-                "direction": direction,
-                "link": link,
-                "kind": ISO,
-                "code": msg.get("t", ""),
-                "mono_us": int(mono * 1e6),
-                "wall_us": int(wall * 1e6),
-                "rrn": msg.get("37", ""),
-                "terminal": msg.get("41", ""),
-                "stan": msg.get("11", ""),
-                "tx_time": msg.get("7", ""),
-                "result": msg.get("39", ""),
-                "note": note,
-                "fields": mask_fields(msg),
-            }
+        self._seq += 1
+        get = msg.get
+        self._ring.append(
+            (
+                self._seq,
+                direction,
+                link,
+                ISO,
+                get("t", ""),
+                mono,
+                wall,
+                get("37", ""),
+                get("41", ""),
+                get("11", ""),
+                get("7", ""),
+                get("39", ""),
+                "",
+                note,
+                mask_fields(msg),
+            )
         )
 
     def undecodable(self, direction: str, link: str, size: int, mono: float, wall: float) -> None:
         """Record a frame that could not be decoded (its size only, never its content)."""
         if not self.enabled:
             return
-        self._add(
-            {
-                "direction": direction,
-                "link": link,
-                "kind": ISO,
-                "code": "????",
-                "mono_us": int(mono * 1e6),
-                "wall_us": int(wall * 1e6),
-                "note": f"undecodable frame of {size} bytes",
-            }
+        self._seq += 1
+        note = f"undecodable frame of {size} bytes"
+        self._ring.append(
+            (self._seq, direction, link, ISO, "????", mono, wall, "", "", "", "", "", "", note, {})
         )
 
     def hsm(
@@ -229,23 +256,26 @@ class MessageRecord:
         """Record an HSM command or answer: header, command code and error code only."""
         if not self.enabled:
             return
-        k = key or _NO_KEY
-        self._add(
-            {
-                "direction": direction,
-                "link": link,
-                "kind": HSM,
-                "code": command,
-                "mono_us": int(mono * 1e6),
-                "wall_us": int(wall * 1e6),
-                "rrn": k.rrn,
-                "terminal": k.terminal,
-                "stan": k.stan,
-                "tx_time": k.tx_time,
-                "result": error,
-                "header": header,
-                "note": note,
-            }
+        self._seq += 1
+        rrn, term, stan, tx = key or _NO_KEY
+        self._ring.append(
+            (
+                self._seq,
+                direction,
+                link,
+                HSM,
+                command,
+                mono,
+                wall,
+                rrn,
+                term,
+                stan,
+                tx,
+                error,
+                header,
+                note,
+                _NO_FIELDS,
+            )
         )
 
     def api(
@@ -263,21 +293,26 @@ class MessageRecord:
         (``note``: the acquirer's transaction id)."""
         if not self.enabled:
             return
-        self._add(
-            {
-                "direction": direction,
-                "link": link,
-                "kind": API,
-                "code": call,
-                "mono_us": int(mono * 1e6),
-                "wall_us": int(wall * 1e6),
-                "rrn": key.rrn,
-                "terminal": key.terminal,
-                "stan": key.stan,
-                "tx_time": key.tx_time,
-                "result": result,
-                "note": note,
-            }
+        self._seq += 1
+        rrn, term, stan, tx = key
+        self._ring.append(
+            (
+                self._seq,
+                direction,
+                link,
+                API,
+                call,
+                mono,
+                wall,
+                rrn,
+                term,
+                stan,
+                tx,
+                result,
+                "",
+                note,
+                _NO_FIELDS,
+            )
         )
 
     def query(self, q: Query) -> tuple[list[Entry], int]:
@@ -287,15 +322,18 @@ class MessageRecord:
         out: list[Entry] = []
         if not self.enabled:
             return out, self._seq
+        ring = list(self._ring)
         if q.newest:
-            for e in reversed(self._ring):
+            for t in reversed(ring):
+                e = self._entry(t)
                 if q.matches(e):
                     out.append(e)
                     if len(out) >= q.limit:
                         break
             out.reverse()
             return out, self._seq
-        for e in self._ring:
+        for t in ring:
+            e = self._entry(t)
             if q.matches(e):
                 out.append(e)
                 if len(out) >= q.limit:
@@ -303,4 +341,5 @@ class MessageRecord:
         return out, self._seq
 
 
+_NO_FIELDS: dict[str, str] = {}
 _NO_KEY = RequestKey("", "", "", "")
