@@ -87,6 +87,8 @@ class Service:
         self.links: list[Upstream[Any]] = []
         #: Every message received and sent (``GET /messages``; ``message_record_size``).
         self.record = MessageRecord(self.name, settings.message_record_size)
+        #: HTTP routes added from outside before :meth:`run` (the lab adds its console).
+        self.extra_routes: list[BaseRoute] = []
         self.ports: Ports | None = None
         self.server = FramedServer(
             self.name,
@@ -261,6 +263,7 @@ class Service:
                 *link_routes(self.links, self.log),
                 *record_routes(self.record),
                 *self.routes(),
+                *self.extra_routes,
             ]
             if self.migrations is not None:
                 routes += fault_routes(self.db_fault, self.log)
