@@ -4,6 +4,7 @@ block, MAC or key in any record; the ring stays bounded."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import httpx
@@ -264,3 +265,55 @@ async def test_reversal_after_68_appears_in_the_payments_trace(
         assert arrows[answered].result == "68"
     finally:
         await net.stop()
+
+
+async def test_ring_stays_bounded_under_load(tmp_path: Any, nursery: trio.Nursery) -> None:
+    net = await start_network(
+        nursery, tmp_path / "data", message_record_size=40, rate_limit_terminal=0.0
+    )
+    try:
+        url = f"http://127.0.0.1:{net.ports['acquirer'].http}/inquiries"
+        async with httpx.AsyncClient(timeout=20) as client:
+
+            async def inquire(bill: str) -> None:
+                r = await client.post(url, json={"bill": bill})
+                assert r.status_code == 200, r.text
+
+            async with trio.open_nursery() as load:
+                for i in range(30):
+                    load.start_soon(inquire, f"PLN-{1 + i % 9:04d}")
+        for name, svc in net.services.items():
+            assert len(svc.record) <= 40, name
+        assert net.services["gateway"].record.last_seq > 40
+        assert len(net.services["gateway"].record) == 40
+    finally:
+        await net.stop()
+
+
+async def test_trace_command_prints_the_ladder(network: Network) -> None:
+    body = await _pay(network, "PLN-0002", 275_050, SITI.pan, SITI.pin)
+    assert body["response_code"] == "00", body
+    urls = []
+    for name in ("acquirer", "gateway", "billing", "hsm"):
+        urls += [f"--{name}-url", f"http://127.0.0.1:{network.ports[name].http}"]
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-m", "shared.cli", "trace", "--last", "--fields", *urls],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    text = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()
+    assert f"RRN {body['rrn']}: 14 messages" in text
+    assert "EC verify PIN" in text and "Response Code" in text and "approved" in text
+    assert SITI.pan not in text
+    with trio.fail_after(60):
+        none = await trio.run_process(
+            [sys.executable, "-m", "shared.cli", "trace", "999999999999", *urls],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert none.returncode == 1 and b"no message with RRN" in none.stderr
+    assert b"Traceback" not in none.stderr
