@@ -225,27 +225,6 @@ def _join_hsm_side(e: Mapping[str, Any], arrows: Sequence[Arrow], mono: int) -> 
             return
 
 
-def select(entries: Iterable[Mapping[str, Any]], rrn: str) -> list[Mapping[str, Any]]:
-    """The entries of the transaction with ``rrn``, and those of its reversals and advices:
-    the same terminal and STAN, or field 90 naming the original STAN."""
-    es = list(entries)
-    mine = [e for e in es if e.get("rrn") == rrn]
-    keys = {(e.get("terminal"), e.get("stan")) for e in mine if e.get("stan")}
-    out = list(mine)
-    seen = {id(e) for e in mine}
-    for e in es:
-        if id(e) in seen:
-            continue
-        fields = e.get("fields") or {}
-        original = str(fields.get("90", ""))
-        related = (e.get("terminal"), e.get("stan")) in keys or any(
-            original[4:10] == stan and e.get("terminal") == term for term, stan in keys
-        )
-        if related:
-            out.append(e)
-    return out
-
-
 def render(arrows: Sequence[Arrow], *, fields: bool = False) -> str:
     """The ladder as text: one line per arrow with its times, fields underneath on request."""
     if not arrows:
