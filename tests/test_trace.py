@@ -4,6 +4,7 @@ block, MAC or key in any record; the ring stays bounded."""
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -317,3 +318,28 @@ async def test_trace_command_prints_the_ladder(network: Network) -> None:
         )
     assert none.returncode == 1 and b"no message with RRN" in none.stderr
     assert b"Traceback" not in none.stderr
+
+
+async def test_record_file_has_the_payment_and_no_pan(tmp_path: Any, nursery: trio.Nursery) -> None:
+    data = tmp_path / "data"
+    net = await start_network(nursery, data, message_record_file=True)
+    try:
+        body = await _pay(net, "PLN-0001", 150_000, BUDI.pan, BUDI.pin)
+        assert body["response_code"] == "00", body
+        gateway_file = data / "messages-gateway.jsonl"
+
+        def written() -> bool:
+            return gateway_file.exists() and body["rrn"] in gateway_file.read_text()
+
+        await wait_for(written, timeout=15)
+    finally:
+        await net.stop()
+    files = sorted(data.glob("messages-*.jsonl"))
+    assert [f.name for f in files] == [
+        f"messages-{s}.jsonl" for s in ("acquirer", "billing", "gateway", "hsm")
+    ]
+    lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert {e["code"] for e in lines} >= {"0200", "0210", "CA", "M8", "EC", "M6"}
+    raw = b"".join(f.read_bytes() for f in files)
+    for pan in PANS:
+        assert pan.encode() not in raw

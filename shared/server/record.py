@@ -18,6 +18,7 @@ Contract:
 from __future__ import annotations
 
 import contextvars
+import json
 import re
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -343,3 +344,8 @@ class MessageRecord:
 
 _NO_FIELDS: dict[str, str] = {}
 _NO_KEY = RequestKey("", "", "", "")
+
+
+def json_lines(entries: list[Entry]) -> str:
+    """The entries as JSON lines (one object per line, each line ended), for the file."""
+    return "".join(json.dumps(e.as_dict(), separators=(",", ":")) + "\n" for e in entries)

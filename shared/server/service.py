@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -47,7 +48,7 @@ from shared.server.admin import health_score, link_routes
 from shared.server.auth import default_tokens_in_use
 from shared.server.fault_api import fault_routes
 from shared.server.http import HealthCheck, serve_http, service_app
-from shared.server.record import MessageRecord, current_request, key_of
+from shared.server.record import MessageRecord, Query, current_request, json_lines, key_of
 from shared.server.record_api import record_routes
 from shared.store.db import DatabaseFault, make_engine, session_factory, upgrade
 
@@ -256,6 +257,8 @@ class Service:
         await self.prepare()
         async with trio.open_nursery() as nursery:
             await self.start_background(nursery)
+            if self.settings.message_record_file and self.record.enabled:
+                nursery.start_soon(self._write_record_file)
             for link in self.links:
                 await nursery.start(link.run)
             iso_port = await nursery.start(self._run_server)
@@ -288,6 +291,24 @@ class Service:
             self.ports = Ports(iso=iso_port, http=http_port)
             self.log.info("service_started", iso_port=iso_port, http_port=http_port)
             task_status.started(self.ports)
+
+    async def _write_record_file(self) -> None:
+        """Append the record's new entries to ``data_dir/messages-<service>.jsonl`` once a
+        second, and a last time when the service stops (the HTTP listener's stop)."""
+        path = self.settings.data_dir / f"messages-{self.name}.jsonl"
+        since = 0
+        while True:
+            with trio.move_on_after(1.0):
+                await self._http_stop.wait()
+            entries, since = self.record.query(Query(since=since, limit=self.record.size or 1))
+            if entries:
+                text = json_lines(entries)
+                try:
+                    await trio.to_thread.run_sync(_append_text, path, text)
+                except OSError as exc:
+                    self.log.warning("message_record_file_failed", path=str(path), error=str(exc))
+            if self._http_stop.is_set():
+                return
 
     async def _run_server(self, *, task_status: trio.TaskStatus[int]) -> None:
         try:
@@ -333,6 +354,12 @@ class Service:
 
 #: Start-up warnings already given in this process.
 _warned = {"admin_token_default": False}
+
+
+def _append_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _ping(engine: Engine) -> bool:
