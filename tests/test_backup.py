@@ -68,7 +68,11 @@ def test_disaster_recovery_drill_loses_exactly_the_payments_after_the_backup(
     assert made.returncode == 0, made.stdout + made.stderr
     assert "billing: sqlite billing.db" in made.stdout
     after = [pay(lab, bill) for bill in bills[6:]]
-    receipts.write_text("".join(json.dumps(r) + "\n" for r in before + after))
+    # The clients' receipts: JSON lines, and pretty-printed as `paylab pay --json` appends.
+    receipts.write_text(
+        "".join(json.dumps(r) + "\n" for r in before)
+        + "".join(json.dumps(r, indent=2) + "\n" for r in after)
+    )
     ledger = read_marker(lab.data_dir)
     assert ledger is not None
 
@@ -91,6 +95,12 @@ def test_disaster_recovery_drill_loses_exactly_the_payments_after_the_backup(
     assert lost == {RECEIPT_KEY + r["rrn"] for r in after}
     assert len(report["mismatches"]) == len(after)  # nothing else
     assert report["posted"] == len(before)
+
+    lab7 = lab.cli(
+        "lab", "check", "7", "--backup", str(tmp_path / "backup"), "--receipts", str(receipts)
+    )
+    assert lab7.returncode == 0, lab7.stdout + lab7.stderr
+    assert "Lab 7 done" in lab7.stdout
 
     # The bills paid after the backup are open again on the restored ledger: paid again
     # once, by hand or by the client, they are posted once.
@@ -212,4 +222,33 @@ def test_receipts_become_client_facts_only_when_unknown() -> None:
     assert [(f.key, f.approved, f.amount) for f in facts] == [
         (RECEIPT_KEY + "1", True, 5),
         (RECEIPT_KEY + "2", False, None),
+    ]
+
+
+def test_lab7_check_findings() -> None:
+    from dataclasses import replace
+
+    from shared.lab.course import LabSnapshot, Recovery, check
+    from shared.lab.top import Snapshot
+
+    ledger = "ab" * 16
+    health = {"billing": {"status": "ok", "dependencies": {"ledger": f"ledger {ledger}"}}}
+    net = Snapshot.build(0.0, {})
+    good = Recovery(
+        "b", ledger_id=ledger, approved_after=frozenset({"1", "2"}), lost=frozenset({"1", "2"})
+    )
+
+    def bad(recovery: Recovery | None, health_: Any = health) -> list[str]:
+        return [f.what for f in check(7, LabSnapshot(net, health_, recovery=recovery)) if not f.ok]
+
+    assert bad(good) == []
+    assert bad(None) == ["a backup to check"]
+    assert bad(replace(good, backup_error="x does not match"))[0].startswith("the backup b")
+    assert bad(good, {"billing": {"dependencies": {"ledger": "ledger other"}}}) == [
+        f"billing serves the backup's ledger {ledger}"
+    ]
+    assert bad(replace(good, lost=frozenset({"1"})))[0].startswith("reconciliation reports")
+    assert bad(replace(good, other=2)) == ["nothing else mismatched (2)"]
+    assert bad(replace(good, approved_after=frozenset(), lost=frozenset())) == [
+        "payments approved after the backup: 0"
     ]

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
@@ -45,6 +45,9 @@ from billing.ledger import MARKER_NAME, read_marker, write_marker
 from shared.errors import PaylabError
 from shared.ops.settings import Settings
 from shared.store.db import make_engine
+
+if TYPE_CHECKING:
+    from shared.lab.course import Recovery
 
 #: The services that own a database, in the order they are backed up and restored.
 DATABASES: Final = ("acquirer", "gateway", "billing")
@@ -437,6 +440,76 @@ def restore(settings: Settings, source: Path) -> Restored:
     return Restored(manifest, targets, before)
 
 
+def recovery_facts(settings: Settings, backup_dir: Path, receipts: Path | None) -> Recovery:
+    """Lab 7's facts (:class:`shared.lab.course.Recovery`): does the backup verify, which
+    approved receipts were completed after it, and what reconciliation of the databases
+    ``settings`` name against those receipts reports. Never raises: errors become facts."""
+    from shared.lab.course import Recovery
+    from shared.lab.reconcile.receipts import (
+        RECEIPT_KEY,
+        ReceiptsError,
+        read_receipts,
+    )
+    from shared.lab.reconcile.sources import reconcile_databases
+    from shared.store.db import DatabaseError
+
+    try:
+        manifest = verify(backup_dir)
+    except BackupError as exc:
+        return Recovery(str(backup_dir), backup_error=str(exc))
+    if receipts is None:
+        return Recovery(
+            str(backup_dir),
+            ledger_id=manifest.ledger_id,
+            reconcile_error="give the clients' receipts: --receipts FILE",
+        )
+    try:
+        kept = read_receipts(receipts)
+        report = reconcile_databases(
+            settings.db_url("gateway"),
+            settings.db_url("billing"),
+            settings.db_url("acquirer"),
+            kept,
+        )
+    except (ReceiptsError, DatabaseError) as exc:
+        return Recovery(str(backup_dir), ledger_id=manifest.ledger_id, reconcile_error=str(exc))
+    after = frozenset(
+        str(r["rrn"])
+        for r in kept
+        if r.get("kind", "payment") == "payment"
+        and r.get("response_code") == "00"
+        and _completed_after(r, manifest.created_at)
+    )
+    lost = frozenset(
+        m.key.removeprefix(RECEIPT_KEY)
+        for m in report.mismatches
+        if m.kind == "lost" and m.key.startswith(RECEIPT_KEY)
+    )
+    other = sum(
+        1 for m in report.mismatches if not (m.kind == "lost" and m.key.startswith(RECEIPT_KEY))
+    )
+    return Recovery(
+        str(backup_dir),
+        ledger_id=manifest.ledger_id,
+        approved_after=after,
+        lost=lost,
+        other=other,
+    )
+
+
+def _completed_after(receipt: Mapping[str, Any], moment: datetime) -> bool:
+    stamp = receipt.get("completed_at") or receipt.get("created_at")
+    if not stamp:
+        return False
+    try:
+        when = datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return False
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when > moment
+
+
 __all__ = [
     "DATABASES",
     "MANIFEST",
@@ -448,6 +521,7 @@ __all__ = [
     "Restored",
     "backup",
     "default_backup_dir",
+    "recovery_facts",
     "restore",
     "running_services",
     "verify",

@@ -2,8 +2,8 @@
 
 After a restore from a backup, the databases of all three services are back at the time
 of the backup: a payment approved after it has left no trace in any of them, and only its
-client still knows it was answered 00. A receipts file is that client-side evidence: one
-JSON object per line, as the acquirer's API answers ``POST /payments`` (at least ``rrn``,
+client still knows it was answered 00. A receipts file is that client-side evidence: JSON
+objects one after the other, as the acquirer's API answers ``POST /payments`` (at least ``rrn``,
 ``kind`` and ``response_code`` or ``approved``; ``amount`` when known). ``paylab reconcile
 --receipts FILE`` adds a receipt as a client fact when the acquirer's records do not know
 its RRN, so a payment the restore lost is reported as ``lost`` (answered 00, no posting).
@@ -31,27 +31,34 @@ class ReceiptsError(PaylabError):
 
 
 def read_receipts(path: Path) -> list[dict[str, Any]]:
-    """The receipts of ``path`` (JSON lines; blank lines skipped).
+    """The receipts of ``path``: JSON objects one after the other (JSON lines, or the
+    pretty-printed answers ``paylab pay --json >> FILE`` appends).
 
     Raises:
-        ReceiptsError: the file cannot be read, or a line is not a JSON object with an rrn.
+        ReceiptsError: the file cannot be read, or holds something else than JSON objects
+            with an ``rrn``.
     """
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ReceiptsError(f"cannot read the receipts: {exc}") from exc
+    decoder = json.JSONDecoder()
     found: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    at = 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at == len(text):
+            return found
         try:
-            item = json.loads(line)
+            item, at = decoder.raw_decode(text, at)
         except ValueError as exc:
-            raise ReceiptsError(f"{path}:{number}: not JSON: {exc}") from exc
+            raise ReceiptsError(f"{path}: not JSON: {exc}") from exc
         if not isinstance(item, dict) or not item.get("rrn"):
-            raise ReceiptsError(f"{path}:{number}: a receipt is a JSON object with an rrn")
+            raise ReceiptsError(
+                f"{path}: receipt {len(found) + 1} is not a JSON object with an rrn"
+            )
         found.append(item)
-    return found
 
 
 def receipt_facts(
