@@ -32,6 +32,7 @@ from shared.cli import (
     scenarios,
     top,
     up,
+    version,
 )
 
 app = typer.Typer(
@@ -40,6 +41,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+app.callback()(version.root)  # paylab --version
 
 # Commands, in the order of the help.
 app.command("up")(up.up)
