@@ -272,12 +272,6 @@ def k8s_objects() -> list[dict[str, Any]]:
     return objects
 
 
-def probe_path(probe: dict[str, Any]) -> str:
-    if "httpGet" in probe:
-        return str(probe["httpGet"]["path"])
-    return " ".join(probe["exec"]["command"])
-
-
 def test_kubernetes_deployments_have_probes_and_resources() -> None:
     objects = k8s_objects()
     by_kind: dict[str, dict[str, dict[str, Any]]] = {}
@@ -295,11 +289,17 @@ def test_kubernetes_deployments_have_probes_and_resources() -> None:
         assert container["args"] == [name]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["http"] == HTTP_PORTS[name], name
-        for kind in ("readinessProbe", "livenessProbe"):
+        # httpGet probes (no process started per probe): readiness asks /readyz (the
+        # service itself), liveness and start-up /livez (the process answers).
+        for kind, path in (
+            ("readinessProbe", "/readyz"),
+            ("livenessProbe", "/livez"),
+            ("startupProbe", "/livez"),
+        ):
             probe = container.get(kind)
             assert probe, f"{name}: no {kind}"
-            assert "/health" in probe_path(probe), f"{name}: {kind} does not ask /health"
-            assert f":{ports['http']}/" in probe_path(probe) or "httpGet" in probe, name
+            assert "exec" not in probe, f"{name}: {kind} starts a process"
+            assert probe["httpGet"] == {"path": path, "port": ports["http"]}, (name, kind)
         resources = container["resources"]
         for bound in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(resources[bound]), f"{name}: {bound}"
@@ -315,6 +315,14 @@ def test_kubernetes_deployments_have_probes_and_resources() -> None:
             (env,) = [e for e in container["env"] if e["name"] == key]
             url = secrets["paylab-secrets"]["stringData"][env["valueFrom"]["secretKeyRef"]["key"]]
             assert url.startswith("postgresql+psycopg://"), name
+    # A voluntary disruption never takes both gateway replicas.
+    (pdb,) = by_kind["PodDisruptionBudget"].values()
+    assert pdb["spec"]["minAvailable"] == 1
+    gateway_labels = deployments["gateway"]["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= gateway_labels.items()
+    for other in set(deployments) - {"gateway"}:
+        labels = deployments[other]["spec"]["template"]["metadata"]["labels"]
+        assert not pdb["spec"]["selector"]["matchLabels"].items() <= labels.items(), other
     replica_env = {
         e["name"]
         for e in deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]["env"]
