@@ -231,6 +231,8 @@ def test_dashboards_have_stable_unique_uids_and_targets() -> None:
     assert len(set(titles)) == len(titles)
     datasource = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")
     ds_uid = datasource["datasources"][0]["uid"]
+    loki = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "loki.yml")
+    loki_uid = loki["datasources"][0]["uid"]
     for name, board in boards.items():
         ids = [p["id"] for p in all_panels(board)]
         assert len(set(ids)) == len(ids), f"{name}: duplicate panel ids"
@@ -241,17 +243,54 @@ def test_dashboards_have_stable_unique_uids_and_targets() -> None:
             assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, where
             if panel["type"] == "row":
                 continue
-            assert panel["datasource"]["uid"] == ds_uid, where
+            # Logs panels read Loki, every other panel Prometheus.
+            uid = loki_uid if panel["type"] == "logs" else ds_uid
+            assert panel["datasource"]["uid"] == uid, where
             assert panel.get("description"), f"{where}: no description"
             targets = panel.get("targets", [])
             assert targets, f"{where}: no targets"
             for target in targets:
                 assert target["expr"].strip(), where
-                assert target["datasource"]["uid"] == ds_uid, where
+                assert target["datasource"]["uid"] == uid, where
                 used = set(re.findall(r"\$\{?(\w+)", target["expr"]))
                 assert used <= variables | {"__rate_interval", "__interval", "__range"}, where
         for var in board.get("templating", {}).get("list", []):
-            assert var["datasource"]["uid"] == ds_uid
+            if var["type"] == "query":
+                assert var["datasource"]["uid"] == ds_uid
+
+
+def test_logs_reach_loki_and_the_services_dashboard() -> None:
+    """The log path of docker compose: each service writes <service>.log on the shared
+    paylab-logs volume, Alloy reads it and pushes to Loki, Grafana reads Loki. No Docker
+    engine, Alloy or Loki binary here: the files are checked against each other."""
+    compose = load_yaml(COMPOSE)
+    services = compose["services"]
+    for name in SERVICES:
+        assert "paylab-logs:/var/lib/paylab/logs" in services[name]["volumes"], name
+    assert re.fullmatch(r"grafana/loki:\d+\.\d+\.\d+", services["loki"]["image"])
+    assert re.fullmatch(r"grafana/alloy:v\d+\.\d+\.\d+", services["alloy"]["image"])
+    assert "paylab-logs:/logs:ro" in services["alloy"]["volumes"]
+    assert {"loki-data", "alloy-data", "paylab-logs"} <= set(compose["volumes"])
+    alloy = (DEPLOY / "alloy" / "config.alloy").read_text()
+    assert '"__path__" = "/logs/*.log"' in alloy
+    assert "http://loki:3100/loki/api/v1/push" in alloy
+    assert 'values = {service = "", level = ""}' in alloy
+    assert alloy.count("{") == alloy.count("}")
+    loki = load_yaml(DEPLOY / "loki" / "loki.yml")
+    assert loki["server"]["http_listen_port"] == 3100
+    assert "./loki/loki.yml:/etc/loki/loki.yml:ro" in services["loki"]["volumes"]
+    source = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "loki.yml")
+    (ds,) = source["datasources"]
+    assert (ds["type"], ds["url"]) == ("loki", "http://loki:3100")
+    board = dashboards()["paylab-services.json"]
+    (logs,) = [p for p in all_panels(board) if p["type"] == "logs"]
+    (target,) = logs["targets"]
+    # LogQL by service and level, the labels Alloy sets.
+    assert target["expr"] == '{job="paylab", service=~"$service", level=~"$level"}'
+    (errors,) = [p for p in all_panels(board) if p["title"] == "Error ratio"]
+    assert logs["gridPos"]["y"] == errors["gridPos"]["y"] + errors["gridPos"]["h"]
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "install -d -o paylab -g paylab /var/lib/paylab/logs" in dockerfile
 
 
 def test_dashboard_provider_points_at_the_mounted_folder() -> None:

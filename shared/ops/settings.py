@@ -362,6 +362,18 @@ class Settings(BaseSettings):
         description="json (one object a line), console (for people), or auto: console on a "
         "terminal, json otherwise.",
     )
+    log_files: bool = Field(
+        True,
+        description="Also write every service's log, as JSON lines, to rotating files "
+        "<data_dir>/logs/<service>.log (paylab up and each service), whatever the console "
+        "shows.",
+    )
+    log_file_max_bytes: int = Field(
+        10_000_000, ge=10_000, description="Size at which a log file is rotated (bytes)."
+    )
+    log_file_backups: int = Field(
+        5, ge=1, le=100, description="Rotated log files kept per service (<service>.log.1 ..)."
+    )
 
     # -- per-upstream overrides of the link settings (docs/configuration.md) -------------
     upstream_hsm: dict[str, float | int | bool] = Field(
