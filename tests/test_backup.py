@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from billing.ledger import read_marker
 from shared.lab.backup import (
@@ -28,7 +29,7 @@ from shared.lab.backup import (
     verify,
 )
 from shared.lab.reconcile.receipts import RECEIPT_KEY, receipt_facts
-from shared.store.db import upgrade
+from shared.store.db import make_engine, upgrade
 from tests.proclab import (
     BILL_AMOUNT,
     Lab,
@@ -36,7 +37,7 @@ from tests.proclab import (
     new_lab,
     prepare_billing_db,
 )
-from tests.support import DEMO_PAN, DEMO_PIN, lab_settings
+from tests.support import DEMO_PAN, DEMO_PIN, POSTGRES_URL, lab_settings, postgres_schema
 
 NETWORK = ("hsm", "billing", "gateway", "acquirer")
 
@@ -252,3 +253,47 @@ def test_lab7_check_findings() -> None:
     assert bad(replace(good, approved_after=frozenset(), lost=frozenset())) == [
         "payments approved after the backup: 0"
     ]
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="PAYLAB_TEST_POSTGRES_URL is not set")
+def test_postgres_backup_and_restore_with_pg_dump(tmp_path: Path) -> None:
+    """PostgreSQL databases (each a schema of its own here) go through pg_dump and
+    pg_restore: after changes, a restore brings back exactly the rows of the backup."""
+    if shutil.which("pg_dump") is None or shutil.which("pg_restore") is None:
+        pytest.skip("pg_dump/pg_restore are not installed (apt-get install postgresql-client)")
+    with (
+        postgres_schema("bk_acq") as acquirer_url,
+        postgres_schema("bk_gw") as gateway_url,
+        postgres_schema("bk_bill") as billing_url,
+    ):
+        settings = lab_settings(
+            tmp_path / "var",
+            acquirer_db_url=acquirer_url,
+            gateway_db_url=gateway_url,
+            billing_db_url=billing_url,
+        )
+        upgrade(acquirer_url, "acquirer:migrations")
+        upgrade(gateway_url, "gateway:migrations")
+        prepare_billing_db(billing_url, bill_numbers("PG", 3), settings.pan_hash_key)
+        engine = make_engine(billing_url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    text("INSERT INTO ledger (id, ledger_id, created_at) VALUES (1, :l, now())"),
+                    {"l": "c" * 32},
+                )
+            manifest = backup(settings, tmp_path / "b")
+            assert {c.kind for c in manifest.databases.values()} == {"postgres"}
+            assert manifest.ledger_id == "c" * 32
+            bills = manifest.databases["billing"].rows["bills"]
+            with engine.begin() as conn:
+                conn.execute(text("DELETE FROM bills WHERE bill_number = 'PG-00001'"))
+            assert verify(tmp_path / "b") == manifest
+            done = restore(settings, tmp_path / "b")
+            assert set(done.targets) == {"acquirer", "gateway", "billing"}
+            assert ":paylab@" not in done.targets["billing"]  # no password shown
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT count(*) FROM bills")).scalar() == bills
+            assert read_marker(settings.data_dir) == "c" * 32
+        finally:
+            engine.dispose()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -156,6 +157,15 @@ def _libpq_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def _pg_schema_args(url: str) -> list[str]:
+    """``--schema=X`` when the URL confines the database to one schema (libpq's
+    ``options=-csearch_path=X``): only that schema is dumped and restored."""
+    options = make_url(url).query.get("options")
+    text_ = " ".join(options) if isinstance(options, tuple) else (options or "")
+    found = re.search(r"search_path=([A-Za-z0-9_]+)", text_)
+    return [f"--schema={found.group(1)}"] if found else []
+
+
 def _sqlite_facts(path: Path) -> tuple[str | None, dict[str, int]]:
     """Schema revision and row count per table of a SQLite file (opened read-only)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -267,6 +277,7 @@ def backup(settings: Settings, target: Path, services: Iterable[str] = DATABASES
                     [
                         _tool("pg_dump"),
                         "--format=custom",
+                        *_pg_schema_args(url),
                         f"--file={target / file}",
                         _libpq_url(url),
                     ],
