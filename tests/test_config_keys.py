@@ -4,6 +4,7 @@ suggestion and an escape hatch), and link settings per upstream."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,16 @@ def test_upstream_overrides_from_the_environment(
 def test_bad_upstream_overrides_stop_the_start(override: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         lab(upstream_hsm=override)
+
+
+def test_the_shipped_files_set_no_unknown_key() -> None:
+    """The compose file, the Kubernetes manifests and the labs' env file would stop the
+    start with a misspelt key: none has one."""
+    files = [*(ROOT / "deploy").rglob("*.y*ml"), ROOT / "docs" / "labs" / "lab.env"]
+    names: set[str] = set()
+    for path in files:
+        text = path.read_text()
+        names |= set(re.findall(r"\b(PAYLAB_[A-Z0-9_]+)\s*[:=]", text))
+        names |= set(re.findall(r"name:\s*(PAYLAB_[A-Z0-9_]+)", text))
+    assert len(names) >= 10
+    assert unknown_keys(sorted(names)) == []
