@@ -7,12 +7,13 @@ upstream links by name, and ``database``).
 * ``ready``: exit 0 when ``/health`` answers 200: the database reachable and every upstream
   link healthy. Compose healthchecks use it, so services start in dependency order.
 * ``self``: exit 0 when the service itself can work: ``/health`` answers, and its own
-  database (if it has one) is reachable; upstream links do not count. Kubernetes readiness
-  uses it: when billing is down every gateway replica is in the same state, and taking them
-  all out of their Service would turn stand-in approvals into refused connections.
+  database (if it has one) is reachable; upstream links do not count (as the services'
+  own ``/readyz``, which Kubernetes readiness asks with ``httpGet``): when billing is down
+  every gateway replica is in the same state, and taking them all out of their Service
+  would turn stand-in approvals into refused connections.
 * ``live``: exit 0 when ``/health`` answers at all with ``"live": true``, 200 or 503 alike.
   A service whose upstream is down is degraded, not dead: restarting it would not bring the
-  upstream back. Kubernetes liveness uses it.
+  upstream back (as ``/livez``, Kubernetes liveness).
 
 Any other outcome (no answer within the timeout, another status, a body that is not the
 service's) exits 1 with one line on stderr. Standard library only.

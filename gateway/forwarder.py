@@ -69,7 +69,7 @@ class Forwarder:
         self._pan_hash = pan_hash
         self._owner = settings.replica_id
         # The same 1, 2, 4, 8, 16 s schedule as online retries; only delay() is used here.
-        self._schedule = retry_policy(settings)
+        self._schedule = retry_policy(settings.for_upstream("billing"))
         self._wake = trio.Event()
         self._limiter = trio.CapacityLimiter(settings.saf_concurrency)
         self._stopping = False

@@ -168,6 +168,10 @@ def test_up_processes_pays_and_stops_cleanly(env: dict[str, str], tmp_path: Path
         assert (
             not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
         )
+    # Each service process wrote its own JSON log file (docs/configuration.md).
+    for svc in ("acquirer", "gateway", "billing", "hsm"):
+        lines = (Path(env["PAYLAB_DATA_DIR"]) / "logs" / f"{svc}.log").read_text().splitlines()
+        assert {json.loads(line)["service"] for line in lines} == {svc}
 
 
 @pytest.mark.timeout(120)

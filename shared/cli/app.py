@@ -35,6 +35,7 @@ from shared.cli import (
     top,
     trace,
     up,
+    version,
 )
 
 app = typer.Typer(
@@ -43,6 +44,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+app.callback()(version.root)  # paylab --version
 
 # Commands, in the order of the help.
 app.command("up")(up.up)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -9,7 +10,9 @@ import typer
 from shared.cli.console import fail, load_settings, out
 from shared.cli.options import DataDir
 
-app = typer.Typer(help="Database commands: schemas, a new ledger.", no_args_is_help=True)
+app = typer.Typer(
+    help="Database commands: schemas, a new ledger, backup and restore.", no_args_is_help=True
+)
 
 
 @app.command("upgrade")
@@ -87,3 +90,67 @@ def db_seed(
         Start.SAME: "ledger already in place",
     }
     out.print(f"billing: {said[start]}: {ledger_id} ({url})")
+
+
+@app.command("backup")
+def db_backup(
+    to: Annotated[
+        Path | None,
+        typer.Option(
+            "--to",
+            help="New directory for the backup (default: backups/paylab-<UTC time> beside "
+            "the data directory).",
+        ),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Back up every service's database online, with a manifest (docs/operations.md).
+
+    SQLite files are copied with SQLite's online backup API while the network runs;
+    PostgreSQL databases with pg_dump. The manifest holds the time, each schema revision,
+    the row counts and the SHA-256 of each file. Secrets (keys) are never backed up.
+    """
+    from shared.lab.backup import BackupError, backup, default_backup_dir
+
+    settings = load_settings(data_dir)
+    target = to if to is not None else default_backup_dir(settings)
+    try:
+        manifest = backup(settings, target)
+    except BackupError as exc:
+        fail(str(exc))
+    for name, copy in manifest.databases.items():
+        rows = sum(copy.rows.values())
+        out.print(
+            f"{name}: {copy.kind} {copy.file}, schema {copy.schema_revision}, {rows} rows, "
+            f"sha256 {copy.sha256[:16]}..."
+        )
+    out.print(f"backup of {manifest.created_at.isoformat()} in {target}")
+
+
+@app.command("restore")
+def db_restore(
+    source: Annotated[Path, typer.Argument(help="A directory made by `paylab db backup`.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Restore a backup into a stopped network, after verifying it against its manifest.
+
+    Refuses (exit code 1, nothing touched) a backup whose files do not match the manifest's
+    checksums, row counts or schema revisions, and a network that still runs. Billing's
+    ledger marker is set to the backup's ledger, so billing starts on the restored ledger.
+    """
+    from shared.lab.backup import BackupError, restore
+
+    settings = load_settings(data_dir)
+    try:
+        done = restore(settings, source)
+    except BackupError as exc:
+        fail(str(exc))
+    for name, target in done.targets.items():
+        out.print(f"{name}: restored into {target}")
+    ledger = done.manifest.ledger_id
+    if done.marker_before not in (None, ledger):
+        out.print(f"billing: the data directory served ledger {done.marker_before}; now {ledger}")
+    out.print(
+        f"restored the backup of {done.manifest.created_at.isoformat()} (billing ledger "
+        f"{ledger}); start the network, then run `paylab reconcile --receipts FILE`"
+    )

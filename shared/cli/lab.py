@@ -177,6 +177,16 @@ def lab_check(
             show_default=False,
         ),
     ] = None,
+    backup: Annotated[
+        Path | None,
+        typer.Option("--backup", help="Lab 7: the backup restored.", show_default=False),
+    ] = None,
+    receipts: Annotated[
+        Path | None,
+        typer.Option(
+            "--receipts", help="Lab 7: the clients' receipts (JSON lines).", show_default=False
+        ),
+    ] = None,
     token: ReaderToken = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
 ) -> None:
@@ -205,7 +215,12 @@ def lab_check(
         ports = ", ".join(targets.services.values())
         fail(f"no service answers ({ports}); is the network running (paylab up --chaos)?")
     rows, locust_error = _locust(locust_csv)
-    snap = LabSnapshot(snap.network, snap.health, snap.prometheus, rows, locust_error)
+    recovery = None
+    if number == 7 and backup is not None:
+        from shared.lab.backup import recovery_facts
+
+        recovery = recovery_facts(load_settings(), backup, receipts)
+    snap = LabSnapshot(snap.network, snap.health, snap.prometheus, rows, locust_error, recovery)
     findings = check(number, snap)
     ok = all(f.ok for f in findings)
     if as_json:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -12,7 +13,18 @@ from shared.cli.console import fail, load_settings, out
 from shared.cli.options import DataDir, JsonOpt
 
 
-def reconcile(data_dir: DataDir = None, as_json: JsonOpt = False) -> None:
+def reconcile(
+    data_dir: DataDir = None,
+    as_json: JsonOpt = False,
+    receipts: Annotated[
+        Path | None,
+        typer.Option(
+            "--receipts",
+            help="The clients' receipts (JSON lines, as POST /payments answers): after a "
+            "restore, the approved payments the databases no longer know are reported lost.",
+        ),
+    ] = None,
+) -> None:
     """Prove the money rule: every client answered 00 has a posting in force, and only they.
 
     Reads the acquirer's records (what each client, API or terminal, was answered), the
@@ -22,14 +34,22 @@ def reconcile(data_dir: DataDir = None, as_json: JsonOpt = False) -> None:
     examples, journal gaps, and the transactions still pending in the queue. Exit code 1
     when anything is lost, duplicated or otherwise mismatched.
     """
+    from shared.lab.reconcile.receipts import ReceiptsError, read_receipts
     from shared.lab.reconcile.sources import reconcile_databases
     from shared.store.db import DatabaseError
 
     settings = load_settings(data_dir)
     try:
+        kept = read_receipts(receipts) if receipts is not None else []
         report = reconcile_databases(
-            settings.db_url("gateway"), settings.db_url("billing"), settings.db_url("acquirer")
+            settings.db_url("gateway"),
+            settings.db_url("billing"),
+            settings.db_url("acquirer"),
+            kept,
         )
+    except ReceiptsError as exc:
+        fail(str(exc))
+        raise  # unreachable
     except DatabaseError as exc:
         fail(f"cannot read the databases: {exc}")
         raise  # unreachable

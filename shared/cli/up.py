@@ -67,7 +67,7 @@ def _run_network(names: tuple[str, ...] | None, data_dir: Path | None, chaos: bo
     from shared.ops.log import configure_logging
 
     settings = load_settings(data_dir)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, files=log_files(settings))
 
     def started(ports: dict[str, Any]) -> None:
         table = Table(title="paylab is running", show_lines=False)
@@ -104,6 +104,17 @@ def _run_network(names: tuple[str, ...] | None, data_dir: Path | None, chaos: bo
         if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
             fail(f"a port is already in use ({exc.strerror}); is paylab already running?")
         fail(f"cannot start: {exc}")
+
+
+def log_files(settings: Any) -> Any:
+    """The rotating JSON log files of ``settings`` (None when log_files is off)."""
+    from shared.ops.log import LogFiles
+
+    if not settings.log_files:
+        return None
+    return LogFiles(
+        settings.data_dir / "logs", settings.log_file_max_bytes, settings.log_file_backups
+    )
 
 
 def _show_chaos_start(network: Network, host: str) -> None:

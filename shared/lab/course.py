@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +85,26 @@ class LabSnapshot:
     prometheus: Prometheus | None = None
     locust: Sequence[Mapping[str, str]] | None = None
     locust_error: str | None = None
+    recovery: Recovery | None = None
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Lab 7's facts: a backup, and the reconciliation of the restored databases against
+    the clients' receipts (read by ``paylab lab check 7``, see shared/lab/backup.py).
+
+    ``backup_error`` says why the backup does not verify (None: it does);
+    ``approved_after`` are the RRNs of the approved receipts completed after the backup was
+    taken, ``lost`` the RRNs reconciliation reports lost, ``other`` its other mismatches.
+    """
+
+    backup_dir: str
+    backup_error: str | None = None
+    ledger_id: str | None = None
+    approved_after: frozenset[str] = frozenset()
+    lost: frozenset[str] = frozenset()
+    other: int = 0
+    reconcile_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -509,6 +530,56 @@ def check_chaos(snap: LabSnapshot) -> list[Finding]:
     return findings + _queue_findings(snap)
 
 
+def check_recovery(snap: LabSnapshot) -> list[Finding]:
+    """Lab 7: the network runs on the restored ledger, and reconciliation with the clients'
+    receipts explains exactly the payments approved after the backup as lost."""
+    rec = snap.recovery
+    if rec is None:
+        return [Finding(False, "a backup to check", "give it: paylab lab check 7 --backup DIR")]
+    found = [
+        Finding(
+            rec.backup_error is None,
+            f"the backup {rec.backup_dir} verifies against its manifest",
+            rec.backup_error or "",
+        )
+    ]
+    billing = json.dumps(snap.health.get("billing", {}))
+    found.append(
+        Finding(
+            rec.ledger_id is not None and rec.ledger_id in billing,
+            f"billing serves the backup's ledger {rec.ledger_id}",
+            "restore the backup into the stopped network (paylab db restore DIR), then start "
+            "it (paylab up)",
+        )
+    )
+    if rec.reconcile_error is not None:
+        found.append(Finding(False, "reconciliation with the receipts", rec.reconcile_error))
+        return found
+    found.append(
+        Finding(
+            bool(rec.approved_after),
+            f"payments approved after the backup: {len(rec.approved_after)}",
+            "pay a few bills after the backup, keeping each answer in the receipts file",
+        )
+    )
+    found.append(
+        Finding(
+            rec.lost == rec.approved_after,
+            f"reconciliation reports lost exactly those payments ({len(rec.lost)} lost)",
+            "the lost payments must be the receipts completed after the backup: was the "
+            "restore from that backup, and the receipts file complete?",
+        )
+    )
+    found.append(
+        Finding(
+            rec.other == 0,
+            f"nothing else mismatched ({rec.other})",
+            "paylab reconcile --receipts FILE shows the other mismatches",
+        )
+    )
+    return found
+
+
 LABS: Mapping[int, Lab] = {
     lab.number: lab
     for lab in (
@@ -518,6 +589,7 @@ LABS: Mapping[int, Lab] = {
         Lab(4, "Monitoring with Prometheus and Grafana", "04-monitoring.md", check_monitoring),
         Lab(5, "Load testing with locust", "05-load-testing.md", check_load),
         Lab(6, "Chaos", "06-chaos.md", check_chaos),
+        Lab(7, "Backup and recovery", "07-backup-and-recovery.md", check_recovery),
     )
 }
 

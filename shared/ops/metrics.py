@@ -18,6 +18,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -87,6 +89,10 @@ class ServiceMetrics:
         self.service = service
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # CPU, memory, open fds and start time of the process (process_*), and the Python
+        # version (python_info): per service when each runs as its own process.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.requests = Counter(
             "paylab_iso_requests",
             "ISO-8583 (or HSM) requests answered, by request MTI and response code.",

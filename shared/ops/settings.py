@@ -7,10 +7,13 @@ its value and its description; ``docs/configuration.md`` lists them.
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
@@ -370,6 +373,53 @@ class Settings(BaseSettings):
         description="json (one object a line), console (for people), or auto: console on a "
         "terminal, json otherwise.",
     )
+    log_files: bool = Field(
+        True,
+        description="Also write every service's log, as JSON lines, to rotating files "
+        "<data_dir>/logs/<service>.log (paylab up and each service), whatever the console "
+        "shows.",
+    )
+    log_file_max_bytes: int = Field(
+        10_000_000, ge=10_000, description="Size at which a log file is rotated (bytes)."
+    )
+    log_file_backups: int = Field(
+        5, ge=1, le=100, description="Rotated log files kept per service (<service>.log.1 ..)."
+    )
+
+    # -- per-upstream overrides of the link settings (docs/configuration.md) -------------
+    upstream_hsm: dict[str, float | int | bool] = Field(
+        default_factory=dict,
+        description="Pool, heartbeat, reconnect, retry and breaker settings for the links to "
+        "the HSM (gateway and billing), overriding the keys above, as JSON: "
+        '\'{"retry_max_attempts": 2, "breaker_open_wait": 5}\'.',
+    )
+    upstream_billing: dict[str, float | int | bool] = Field(
+        default_factory=dict,
+        description="The same overrides for the gateway's link to billing (and its "
+        "store-and-forward retry schedule).",
+    )
+    upstream_gateway: dict[str, float | int | bool] = Field(
+        default_factory=dict,
+        description="The same overrides for the acquirer's link to the gateway.",
+    )
+
+    # -- the configuration itself ----------------------------------------------------------
+    allow_unknown_keys: bool = Field(
+        False,
+        description="Start even when the environment or .env holds PAYLAB_* keys paylab does "
+        "not know (a newer version's keys). Off: an unknown key (a typo) stops the start.",
+    )
+
+    @model_validator(mode="after")
+    def _check_upstream_overrides(self) -> Settings:
+        for name in UPSTREAMS:
+            link_overrides(self, name)
+        return self
+
+    def for_upstream(self, name: str) -> Settings:
+        """These settings with ``upstream_<name>``'s overrides applied (validated)."""
+        found = link_overrides(self, name)
+        return self.model_copy(update=found) if found else self
 
     def data_keys(self) -> dict[str, str]:
         """Every data key secret by id: the retired ones and the current one (which wins).
@@ -429,6 +479,95 @@ def _split_address(value: str, default_host: str) -> tuple[str, int]:
     return host or default_host, int(port)
 
 
+#: The upstreams whose link settings can be overridden: ``upstream_<name>``.
+UPSTREAMS = ("hsm", "billing", "gateway")
+#: The link settings an ``upstream_<name>`` may override.
+LINK_PREFIXES = ("pool_", "heartbeat_", "reconnect_", "retry_", "breaker_")
+LINK_KEYS = ("connect_timeout", "max_in_flight_per_connection")
+#: PAYLAB_* variables of the tools around paylab (load tests, test suite, traffic
+#: generator), never settings: not reported as unknown.
+TOOL_PREFIXES = ("PAYLAB_LOAD_", "PAYLAB_TEST_", "PAYLAB_TRAFFIC_", "PAYLAB_OUTAGE_")
+
+
+def is_link_key(key: str) -> bool:
+    return key in Settings.model_fields and (key.startswith(LINK_PREFIXES) or key in LINK_KEYS)
+
+
+def link_overrides(settings: Settings, name: str) -> dict[str, Any]:
+    """The validated overrides of ``upstream_<name>``.
+
+    Raises:
+        ConfigError: a key that is not a link setting, or a value its setting refuses.
+    """
+    raw: Mapping[str, Any] = getattr(settings, f"upstream_{name}")
+    found: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not is_link_key(key):
+            hint = _suggest(key, [k for k in Settings.model_fields if is_link_key(k)])
+            raise ConfigError(
+                f"upstream_{name}: {key!r} is not a pool, heartbeat, reconnect, retry or "
+                f"breaker setting{hint}"
+            )
+        field = Settings.model_fields[key]
+        try:
+            found[key] = TypeAdapter(Annotated[field.annotation, *field.metadata]).validate_python(  # type: ignore[arg-type]
+                value
+            )
+        except ValidationError as exc:
+            message = exc.errors()[0]["msg"]
+            raise ConfigError(f"upstream_{name}: {key}={value!r}: {message}") from None
+    return found
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def unknown_keys(names: Iterable[str]) -> list[str]:
+    """The ``PAYLAB_*`` names among ``names`` that are no setting (pure): one message each,
+    with the closest known key ("did you mean ..."). Case-insensitive, as the settings are;
+    the tools' prefixes (:data:`TOOL_PREFIXES`) are not settings and not reported."""
+    known = {f"PAYLAB_{key.upper()}" for key in Settings.model_fields}
+    found = []
+    for name in names:
+        upper = name.upper()
+        if not upper.startswith("PAYLAB_") or upper in known or upper.startswith(TOOL_PREFIXES):
+            continue
+        found.append(f"{name}{_suggest(upper, known)}")
+    return found
+
+
+def _env_file_names(env_file: object) -> list[str]:
+    if env_file is None:
+        return []
+    from dotenv import dotenv_values
+
+    files = env_file if isinstance(env_file, (list, tuple)) else [env_file]
+    names: list[str] = []
+    for f in files:
+        path = Path(str(f))
+        if path.is_file():
+            names.extend(k for k in dotenv_values(path) if k)
+    return names
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read the settings (environment and ``.env``), with explicit ``overrides`` on top."""
-    return Settings(**overrides)  # type: ignore[arg-type]
+    """Read the settings (environment and ``.env``), with explicit ``overrides`` on top.
+
+    Raises:
+        ConfigError: the environment or the ``.env`` file holds a ``PAYLAB_*`` key that is no
+            setting (a typo), unless ``allow_unknown_keys`` is set.
+        pydantic.ValidationError: a value is invalid.
+    """
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    if not settings.allow_unknown_keys:
+        env_file = overrides.get("_env_file", Settings.model_config.get("env_file"))
+        problems = [f"{m} (environment)" for m in unknown_keys(os.environ)]
+        problems += [f"{m} (.env)" for m in unknown_keys(_env_file_names(env_file))]
+        if problems:
+            raise ConfigError(
+                "unknown setting " + "; ".join(problems) + ". Fix the name (paylab config "
+                "lists every key), or set PAYLAB_ALLOW_UNKNOWN_KEYS=true to start anyway"
+            )
+    return settings

@@ -3,8 +3,8 @@
 :class:`AdminGuard` is a plain ASGI middleware that ``shared.server.http.service_app`` puts in
 front of every service's routes:
 
-* ``/health``, ``/metrics`` and the routes a service marks public (:func:`public`: the
-  acquirer's customer API) stay open;
+* ``/health``, ``/livez``, ``/readyz``, ``/metrics`` and the routes a service marks public
+  (:func:`public`: the acquirer's customer API) stay open;
 * every other request needs ``Authorization: Bearer <token>``: the read-only token allows
   GET/HEAD, the operator token allows everything. No or a wrong token is a 401 JSON answer
   with ``WWW-Authenticate: Bearer``; the read-only token on a state-changing method is a
@@ -37,7 +37,7 @@ READER = "reader"
 OPERATOR = "operator"
 
 #: Paths that are always open: probes and scrapers carry no token.
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/metrics"})
 #: Methods a read-only token may use.
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 

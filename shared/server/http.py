@@ -25,6 +25,8 @@ from shared.server.auth import SECURITY_HEADERS, AdminGuard, is_public
 
 #: A readiness check: returns (ok, detail) for one dependency.
 HealthCheck = Callable[[], Awaitable[tuple[bool, str]]]
+#: The checks of the service itself (``/readyz``); the others are its upstream links.
+SELF_CHECKS = frozenset({"database", "ledger"})
 
 
 def json_error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -63,12 +65,19 @@ def service_app(
     extra: Callable[[], dict[str, Any]] | None = None,
     admin_tokens: tuple[str, str] = (DEFAULT_READ_TOKEN, DEFAULT_OPERATOR_TOKEN),
 ) -> Starlette:
-    """A starlette app with ``GET /health``, ``GET /metrics`` and the service's ``routes``.
+    """A starlette app with ``GET /health``, ``/livez``, ``/readyz``, ``/metrics`` and the
+    service's ``routes``.
 
     ``/health`` answers 200 when every readiness check passes and 503 otherwise, with
     ``{"service", "status": "ok"|"degraded", "live": true, "dependencies": {name: {...}}}``
     plus what ``extra()`` returns (the health score): the process is alive whenever it
     answers at all.
+
+    The two probes of an orchestrator (Kubernetes ``httpGet``): ``/livez`` answers 200
+    whenever the process answers at all (it runs no check: a restart cannot bring an
+    upstream back); ``/readyz`` answers 200 when the checks of the service itself pass
+    (:data:`SELF_CHECKS`: its database, billing's ledger) and 503 otherwise. An upstream
+    outage is the same for every replica, so it does not take them out of their Service.
 
     Every other route needs an admin token, ``admin_tokens`` = (read-only, operator),
     except the ones marked with :func:`shared.server.auth.public`; every answer carries the
@@ -96,12 +105,32 @@ def service_app(
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
+    async def livez(_request: Request) -> Response:
+        return JSONResponse({"service": service, "live": True})
+
+    async def readyz(_request: Request) -> Response:
+        failing: dict[str, str] = {}
+        for name, check in checks.items():
+            if name not in SELF_CHECKS:
+                continue
+            try:
+                with trio.fail_after(2):
+                    ok, detail = await check()
+            except Exception as exc:
+                ok, detail = False, f"check failed: {type(exc).__name__}"
+            if not ok:
+                failing[name] = detail
+        body = {"service": service, "ready": not failing, "failing": failing}
+        return JSONResponse(body, status_code=503 if failing else 200)
+
     async def metrics_endpoint(_request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/livez", livez, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             *routes,
         ],

@@ -220,9 +220,10 @@ class Service:
 
         ``decode`` maps a response payload to (match key, value) and ``dialect`` speaks the
         link's echo and sign-on: :func:`decode_iso_keyed` and :class:`IsoDialect` for
-        ISO-8583 peers, the HSM client's for the HSM.
+        ISO-8583 peers, the HSM client's for the HSM. The pool, breaker and retry settings
+        are ``upstream_<name>``'s overrides over the common ones.
         """
-        s = self.settings
+        s = self.settings.for_upstream(name)
         iso = isinstance(dialect, IsoDialect)
         pool: UpstreamPool[T] = _RecordedPool(
             self.record,

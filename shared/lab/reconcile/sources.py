@@ -8,10 +8,10 @@ and judges them with :func:`shared.lab.reconcile.rules.reconcile`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import Engine, inspect, select
 from sqlalchemy.engine import make_url
@@ -30,6 +30,7 @@ from shared.iso.messages import (
     MTI_REVERSAL_REPEAT,
     PC_BILL_PAYMENT,
 )
+from shared.lab.reconcile.receipts import known_rrns, receipt_facts
 from shared.lab.reconcile.rules import (
     APPROVED_ONLINE,
     APPROVED_STANDIN,
@@ -209,11 +210,16 @@ def load_postings(billing: Engine | sessionmaker[Session]) -> list[PostingFact]:
 
 
 def reconcile_databases(
-    gateway_url: str, billing_url: str, acquirer_url: str | None = None
+    gateway_url: str,
+    billing_url: str,
+    acquirer_url: str | None = None,
+    receipts: Sequence[Mapping[str, Any]] = (),
 ) -> Report:
     """Load the three sides from their databases and :func:`reconcile` them.
 
     ``acquirer_url`` None, or a SQLite file that does not exist, means no client facts.
+    ``receipts`` (see :mod:`shared.lab.reconcile.receipts`) add the clients' own receipts
+    the databases do not know (after a restore: the payments since the backup).
 
     Raises:
         DatabaseError: a database failed.
@@ -234,11 +240,11 @@ def reconcile_databases(
             acquirer_engine = make_engine(acquirer_url)
             engines.append(acquirer_engine)
             clients = load_client_facts(acquirer_engine)
-        return reconcile(
-            load_gateway_facts(session_factory(gateway_engine)),
-            load_postings(billing_engine),
-            clients,
-        )
+        gateway = load_gateway_facts(session_factory(gateway_engine))
+        if receipts:
+            extra = receipt_facts(receipts, known_rrns(clients, gateway))
+            clients = [*(clients or ()), *extra]
+        return reconcile(gateway, load_postings(billing_engine), clients)
     finally:
         for engine in engines:
             engine.dispose()
