@@ -36,6 +36,7 @@ from shared.log import get_logger
 from shared.messages import Message, is_response, make_response
 from shared.metrics import DatabaseMetrics, ServiceMetrics
 from shared.pool import LinkDialect, PoolConfig, UpstreamPool
+from shared.ratelimit import LogThrottle
 from shared.settings import Settings
 from shared.tcp import FramedServer, InlineHandler
 from shared.tls import client_context, server_context
@@ -393,13 +394,27 @@ class IsoService(Service):
     #: Financial requests on this listener must carry a MAC (acquirer-to-gateway link).
     require_mac = False
 
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        # One undecodable_frame line per connection per interval: a peer sending garbage
+        # is counted frame by frame, but cannot fill the log.
+        self._undecodable_log = LogThrottle(settings.undecodable_log_interval, trio.current_time)
+
     async def handle(self, payload: bytes, peer: str) -> bytes | None:
         start = trio.current_time()
         try:
             msg = codec.decode(payload)
         except DecodeError as exc:
             self.metrics.frames_rejected.labels("undecodable").inc()
-            self.log.warning("undecodable_frame", peer=peer, size=len(payload), reason=str(exc))
+            held = self._undecodable_log.admit(peer)
+            if held is not None:
+                self.log.warning(
+                    "undecodable_frame",
+                    peer=peer,
+                    size=len(payload),
+                    reason=str(exc)[:200],
+                    held_back=held,
+                )
             return None
         mti = msg.get("t", "")
         if is_response(mti):

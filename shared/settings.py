@@ -272,8 +272,15 @@ class Settings(BaseSettings):
     idle_timeout: float = Field(
         300.0,
         ge=0,
-        description="Seconds an ISO connection may send nothing at all before it is closed "
-        "(keep it above heartbeat_interval; 0: off).",
+        description="Seconds an ISO connection may send no message before it is closed; "
+        "zero-length keep-alive frames do not count (keep it above heartbeat_interval; 0: off).",
+    )
+    undecodable_log_interval: float = Field(
+        60.0,
+        ge=0,
+        description="An ISO listener logs at most one undecodable_frame line per connection "
+        "in this many seconds (each line says how many were held back); every frame is "
+        "counted. 0: log every one.",
     )
 
     # -- wire ----------------------------------------------------------------------------
