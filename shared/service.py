@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
@@ -28,13 +29,20 @@ from shared.backoff import Backoff
 from shared.breaker import BreakerConfig
 from shared.chaos import fault_routes
 from shared.codes import RC
-from shared.db import DatabaseFault, make_engine, session_factory, upgrade
+from shared.db import (
+    DatabaseError,
+    DatabaseFault,
+    connection_transaction,
+    make_engine,
+    session_factory,
+    upgrade,
+)
 from shared.errors import DecodeError, ValidationError
 from shared.http import HealthCheck, serve_http, service_app
 from shared.iso_link import IsoDialect, IsoFrame, decode_iso_keyed
 from shared.log import get_logger
 from shared.messages import Message, is_response, make_response
-from shared.metrics import DatabaseMetrics, ServiceMetrics
+from shared.metrics import DB_FAILURES, DatabaseMetrics, ServiceMetrics
 from shared.pool import LinkDialect, PoolConfig, UpstreamPool
 from shared.ratelimit import LogThrottle
 from shared.settings import Settings
@@ -46,7 +54,15 @@ from shared.validation import validate_request
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
 
-__all__ = ["IsoDialect", "IsoFrame", "IsoService", "Ports", "Service", "decode_iso_keyed"]
+__all__ = [
+    "IsoDialect",
+    "IsoFrame",
+    "IsoService",
+    "Ports",
+    "Service",
+    "database_reason",
+    "decode_iso_keyed",
+]
 
 
 class Dialect(LinkDialect[T_contra], AnswerPolicy[T_contra], Protocol[T_contra]):
@@ -114,6 +130,8 @@ class Service:
                 waiting=lambda: self._db_limiter.statistics().tasks_waiting,
             )
         )
+        #: The last failed database call: (trio time, reason), for /health.
+        self._db_failure: tuple[float, str] | None = None
         self._http_stop = trio.Event()
         self._http_done = trio.Event()
         self._server_done = trio.Event()
@@ -153,11 +171,16 @@ class Service:
 
     async def in_db_thread(self, fn: Callable[..., R], *args: Any) -> R:
         """Run a synchronous database call in a worker thread, one at a time (its wait,
-        duration and failure go to the ``paylab_db_*`` metrics)."""
-        if self.db_metrics is None:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
-        call = self.db_metrics.instrument(fn, *args)
-        return await trio.to_thread.run_sync(call, limiter=self._db_limiter)
+        duration and failure go to the ``paylab_db_*`` metrics; a failure also makes
+        ``/health`` report the database failing for ``db_failure_hold`` seconds)."""
+        try:
+            if self.db_metrics is None:
+                return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
+            call = self.db_metrics.instrument(fn, *args)
+            return await trio.to_thread.run_sync(call, limiter=self._db_limiter)
+        except DB_FAILURES as exc:
+            self._db_failure = (trio.current_time(), database_reason(exc))
+            raise
 
     def _db_connections_in_use(self) -> float:
         """Connections checked out of the engine's pool (0 before the database is open)."""
@@ -165,12 +188,23 @@ class Service:
         return float(checkedout()) if checkedout is not None else 0.0
 
     async def _database_check(self) -> tuple[bool, str]:
+        """Ready when a write can be made now (:func:`_write_probe`) and no database call
+        failed in the last ``db_failure_hold`` seconds: a full disk fails writes while
+        reads (and ``SELECT 1``) still work."""
         if self.engine is None:
             return False, "not open"
-        ok = await self.in_db_thread(_ping, self.engine)
-        if not ok and self.db_metrics is not None:
-            self.db_metrics.errors.inc()
-        return ok, f"{self.engine.dialect.name} {'reachable' if ok else 'unreachable'}"
+        dialect = self.engine.dialect.name
+        failed = await self.in_db_thread(_write_probe, self.engine, self.name)
+        if failed is not None:
+            if self.db_metrics is not None:
+                self.db_metrics.errors.inc()
+            return False, f"{dialect} not writable: {failed}"
+        if self._db_failure is not None:
+            at, reason = self._db_failure
+            age = trio.current_time() - at
+            if age < self.settings.db_failure_hold:
+                return False, f"{dialect}: a database call failed {age:.1f} s ago: {reason}"
+        return True, f"{dialect} writable"
 
     def routes(self) -> Sequence[BaseRoute]:
         """Extra HTTP routes beside /health and /metrics."""
@@ -315,13 +349,26 @@ class Service:
 _warned = {"admin_token_default": False}
 
 
-def _ping(engine: Engine) -> bool:
+def database_reason(exc: BaseException) -> str:
+    """A short, loggable reason of a database failure: the driver's message, without the
+    SQL statement and parameters SQLAlchemy adds (they may hold data)."""
+    orig = getattr(exc, "orig", None)
+    text_ = str(orig if orig is not None else exc).strip().splitlines()
+    return (text_[0] if text_ else type(exc).__name__)[:200]
+
+
+def _write_probe(engine: Engine, service: str) -> str | None:
+    """A cheap write: rewrite the one row of the service's schema version table
+    (``alembic_version_<service>``) with its own value in a write transaction (``BEGIN
+    IMMEDIATE`` on SQLite), and commit it. None when it worked, else why not (read-only or
+    full disk, lock held too long, database away)."""
+    table = f"alembic_version_{service}"
     try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return True
-    except Exception:
-        return False
+        with connection_transaction(engine, write=True) as conn:
+            conn.execute(text(f'UPDATE "{table}" SET version_num = version_num'))
+    except Exception as exc:
+        return database_reason(exc)
+    return None
 
 
 async def _link_check(link: Upstream[Any]) -> tuple[bool, str]:
@@ -387,8 +434,9 @@ class IsoService(Service):
     an undecodable frame is logged (never its content) and counted, and gets no answer
     (there is no MTI or STAN to answer to); a decodable but invalid request, including
     one of an MTI paylab does not handle (e.g. 0100), gets its response MTI with field
-    39 = 30; a response MTI sent to a server is counted and dropped; the connection stays
-    open in every case.
+    39 = 30; a response MTI sent to a server is counted and dropped; a storage failure
+    while dispatching (:class:`~shared.db.DatabaseError`, SQLAlchemy's errors) is logged
+    and answered 91; the connection stays open in every case.
     """
 
     #: Financial requests on this listener must carry a MAC (acquirer-to-gateway link).
@@ -434,7 +482,12 @@ class IsoService(Service):
                 self.log.debug("invalid_request_fields", message=codec.redact(msg))
                 response = make_response(msg, RC.FORMAT_ERROR)
             else:
-                response = await self.dispatch(IsoFrame(payload, msg), peer)
+                try:
+                    response = await self.dispatch(IsoFrame(payload, msg), peer)
+                except (DatabaseError, SQLAlchemyError) as exc:
+                    # Nothing could be recorded: "inoperative, try later", never silence.
+                    self.log.error("database_unavailable", mti=mti, error=database_reason(exc))
+                    response = make_response(msg, RC.ISSUER_INOPERATIVE)
             response = await self.finish(msg, response)
             out = codec.encode(response)
         finally:

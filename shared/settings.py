@@ -275,6 +275,12 @@ class Settings(BaseSettings):
         description="Seconds an ISO connection may send no message before it is closed; "
         "zero-length keep-alive frames do not count (keep it above heartbeat_interval; 0: off).",
     )
+    db_failure_hold: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a service's /health keeps reporting its database as failing "
+        "after a database call failed (besides the write probe of every /health).",
+    )
     undecodable_log_interval: float = Field(
         60.0,
         ge=0,
