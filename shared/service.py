@@ -412,6 +412,9 @@ def breaker_config(s: Settings) -> BreakerConfig:
         slow_call_threshold=s.breaker_slow_call or None,
         open_wait=s.breaker_open_wait,
         half_open_calls=s.breaker_half_open_calls,
+        # While open, the link is probed at the pace of the reconnect backoff.
+        probe_delay=s.reconnect_base_delay,
+        probe_max_delay=max(s.reconnect_max_delay, s.reconnect_base_delay),
     )
 
 
