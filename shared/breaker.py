@@ -16,13 +16,15 @@ A breaker judges the **link**, not the answers: the caller reports a call as fai
 for a timeout, a connection refused, reset or closed (and, when configured, a slow answer);
 a well-formed answer is a success whatever it says.
 
-While OPEN, the link is **probed**: a connection attempt (connect and sign-on) or an echo
-on a connection still up, reported with :meth:`CircuitBreaker.record_event`. The first probe
-may go ``probe_delay`` seconds after opening (:meth:`CircuitBreaker.probe_wait`); each
-failed probe doubles the wait (at most ``probe_max_delay``), and so does each reopening
-before a call succeeded again. A successful probe moves the breaker to HALF_OPEN at once,
-so recovery takes about the reconnect backoff; ``open_wait`` is only the longest an OPEN
-breaker waits when no probe succeeds.
+While OPEN, the link is **probed**: a connection attempt (connect and sign-on, at the pace
+of the pool's reconnect backoff) or an echo on a connection still up, reported with
+:meth:`CircuitBreaker.record_event`. A successful probe moves the breaker to HALF_OPEN at
+once, so recovery takes about the reconnect backoff; ``open_wait`` is only the longest an
+OPEN breaker waits when no probe succeeds. Echoes follow the breaker's own schedule
+(:meth:`CircuitBreaker.probe_wait`): the first may go ``probe_delay`` seconds after
+opening, each failed probe doubles the wait (at most ``probe_max_delay``), and so does each
+reopening before a call succeeded again, so that an upstream that answers echoes but not
+calls gets fewer and fewer trial calls.
 
 Every state change is a :class:`Transition`: it bumps the breaker's *generation* and is
 reported once to ``on_transition``. A permit remembers the generation it was issued in, so

@@ -88,11 +88,12 @@ class BreakerGate:
     """Connects the breaker to the pool: the pool's connection attempts and heartbeats
     probe the link while the breaker is open.
 
-    * ``connect_wait``: while open, the seconds until the breaker's next probe is due
-      (:meth:`CircuitBreaker.probe_wait`), then **one** connection attempt at a time is the
-      probe; the other slots wait for its outcome (``probe_timeout`` bounds the wait should
-      the probe vanish). The same while half-open. Infinite when forced open: no attempts;
-    * ``probe_wait``: while open, when an echo on a connection still up is due as a probe;
+    * ``connect_wait``: while open or half-open, **one** connection attempt at a time is
+      the probe, at the pace of the slots' own reconnect backoff; the other slots wait for
+      its outcome (``probe_timeout`` bounds the wait should the probe vanish). Infinite
+      when forced open: no attempts;
+    * ``probe_wait``: while open, when an echo on a connection still up is due as a probe
+      (the breaker's probe schedule, :meth:`CircuitBreaker.probe_wait`);
     * a connection attempt (connect and sign-on) counts while open or half-open: success
       moves an open breaker to half-open; a missed heartbeat counts as a failure, an
       answered one only while open or half-open (idle echoes do not dilute the window).
@@ -110,12 +111,7 @@ class BreakerGate:
         state = self.breaker.state
         if state is BreakerState.FORCED_OPEN:
             return math.inf
-        if state is BreakerState.OPEN:
-            wait = self.breaker.probe_wait() or 0.0
-            if wait > 0:
-                return wait
-            return self._claim_probe()
-        if state is BreakerState.HALF_OPEN:
+        if state in (BreakerState.OPEN, BreakerState.HALF_OPEN):
             return self._claim_probe()
         return 0.0
 
@@ -311,7 +307,11 @@ class Upstream(Generic[T]):
     def link_view(self) -> dict[str, Any]:
         view = self.pool.view()
         view["breaker"] = self.breaker.state.value
+        view["service"] = self._metrics.service
         return view
 
     def breaker_view(self) -> dict[str, Any]:
-        return self.breaker.snapshot().as_dict()
+        """The breaker's snapshot, with the service that owns it (``name`` is the upstream)."""
+        view = self.breaker.snapshot().as_dict()
+        view["service"] = self._metrics.service
+        return view
