@@ -107,7 +107,12 @@ class Settings(BaseSettings):
     reconnect_base_delay: float = Field(
         0.5, gt=0, description="First delay before reconnecting; doubles with jitter."
     )
-    reconnect_max_delay: float = Field(16.0, gt=0, description="Cap of the reconnect delay.")
+    reconnect_max_delay: float = Field(
+        4.0,
+        gt=0,
+        description="Cap of the reconnect delay: an upstream that returns is found within "
+        "about this long (also the pace of an open breaker's connection probes).",
+    )
 
     # -- retry (gateway to billing and HSM; course: retry.*) -------------------------------
     retry_max_attempts: int = Field(
