@@ -47,7 +47,7 @@ from shared.pool import LinkDialect, PoolConfig, UpstreamPool
 from shared.ratelimit import LogThrottle
 from shared.settings import Settings
 from shared.tcp import FramedServer, InlineHandler
-from shared.tls import client_context, server_context
+from shared.tls import client_check, client_context, server_context
 from shared.upstream import NO_RETRY, AnswerPolicy, Upstream
 from shared.validation import validate_request
 
@@ -110,6 +110,7 @@ class Service:
             idle_timeout=settings.idle_timeout,
             ssl_context=server_context(settings, self.name),
             handshake_timeout=settings.frame_timeout or 10.0,
+            client_check=client_check(settings, self.name),
             inline=self.inline_handler(),
         )
         #: TLS context of this service's upstream links (None: plain TCP).

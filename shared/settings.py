@@ -155,7 +155,10 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Seconds after which a successful call counts as a failure (0: off)."
     )
     breaker_open_wait: float = Field(
-        30.0, gt=0, description="Seconds open (failing fast) before a half-open probe."
+        30.0,
+        gt=0,
+        description="Longest a breaker stays open (failing fast) when no probe succeeds; a "
+        "probe (connection attempt or echo) that succeeds makes it half-open at once.",
     )
     breaker_half_open_calls: int = Field(
         1, ge=1, description="Trial calls let through half-open; all must succeed to close."
@@ -363,6 +366,23 @@ class Settings(BaseSettings):
         description="Mutual TLS: listeners require a client certificate signed by the lab "
         "CA, and pools present their own service's certificate.",
     )
+    tls_clients_acquirer: str = Field(
+        "terminal",
+        description="With mutual TLS: client identities (certificate CN, comma-separated) "
+        "the acquirer's terminal listener accepts; * for any certificate of the CA.",
+    )
+    tls_clients_gateway: str = Field(
+        "acquirer,terminal",
+        description="With mutual TLS: client identities the gateway's listener accepts.",
+    )
+    tls_clients_billing: str = Field(
+        "gateway",
+        description="With mutual TLS: client identities billing's listener accepts.",
+    )
+    tls_clients_hsm: str = Field(
+        "gateway,billing",
+        description="With mutual TLS: client identities the HSM's listener accepts.",
+    )
 
     # -- logging ------------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field(
@@ -407,6 +427,13 @@ class Settings(BaseSettings):
         if url:
             return url
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
+    def tls_clients(self, service: str) -> frozenset[str] | None:
+        """The client identities ``service``'s listener accepts with mutual TLS; None for
+        any certificate of the CA (``*``)."""
+        raw: str = getattr(self, f"tls_clients_{service}", "*")
+        names = frozenset(part.strip() for part in raw.split(",") if part.strip())
+        return None if "*" in names else names
 
     def http_port(self, service: str) -> int:
         return int(getattr(self, f"{service}_http_port"))

@@ -34,6 +34,10 @@ FrameHandler = Callable[[bytes, str], Awaitable[bytes | None]]
 #: A handler that answers at once, without waiting on anything (see ``FramedServer(inline=)``).
 InlineHandler = Callable[[bytes, str], bytes | None]
 
+#: Judges a TLS client by its verified certificate (``getpeercert()``): (its identity, why it
+#: is refused, or None when it is accepted).
+ClientCheck = Callable[[Any], tuple[str | None, str | None]]
+
 
 class FramedServer:
     """Accepts TCP connections and serves length-prefixed frames with ``handler``.
@@ -57,7 +61,9 @@ class FramedServer:
       in that connection's own task within ``handshake_timeout`` seconds, so a peer that
       never handshakes cannot hold up accepting. A failed or timed-out handshake is logged
       (``tls_handshake_failed``), counted (``connections_refused{reason="tls"}``) and closes
-      only that connection;
+      only that connection. With ``client_check`` (mutual TLS), a client whose certificate
+      it refuses is closed after the handshake the same way (``tls_peer_refused``,
+      ``connections_refused{reason="peer"}``);
     * :meth:`shutdown` stops accepting and reading, lets in-flight requests finish within
       ``grace`` seconds, then closes every connection.
 
@@ -88,6 +94,7 @@ class FramedServer:
         idle_timeout: float = 0.0,
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float = 10.0,
+        client_check: ClientCheck | None = None,
         inline: InlineHandler | None = None,
     ) -> None:
         self.name = name
@@ -104,6 +111,7 @@ class FramedServer:
         self._idle_timeout = idle_timeout
         self._ssl_context = ssl_context
         self._handshake_timeout = handshake_timeout
+        self._client_check = client_check
         self._accept_scope = trio.CancelScope()
         self._reader_scopes: set[trio.CancelScope] = set()
         self._conn_nursery: trio.Nursery | None = None
@@ -183,8 +191,20 @@ class FramedServer:
                 await trio.aclose_forcefully(stream)
             raise
         if reason is None and not self._closing:
-            return tls
-        if reason is not None:
+            if self._client_check is None:
+                return tls
+            identity, refused = self._client_check(tls.getpeercert())
+            if refused is None:
+                return tls
+            self._metrics.connections_refused.labels("peer").inc()
+            self._log.warning(
+                "tls_peer_refused",
+                listener=self.name,
+                peer=peer,
+                identity=identity,
+                reason=refused,
+            )
+        elif reason is not None:
             self._metrics.connections_refused.labels("tls").inc()
             self._log.warning("tls_handshake_failed", listener=self.name, peer=peer, reason=reason)
         with trio.CancelScope(shield=True):
