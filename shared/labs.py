@@ -241,13 +241,14 @@ def _database_up(snap: LabSnapshot, service: str) -> Finding:
 
 
 def check_breaker(snap: LabSnapshot) -> list[Finding]:
-    """Lab 2: billing's breaker has been open and half-open at least once; closed now."""
+    """Lab 2: the gateway's billing breaker has been open and half-open at least once;
+    closed now."""
     gw = _gateway(snap)
     findings = []
     for state, how in (
-        ("open", "make billing fail five times in a row (step 3)"),
-        ("half_open", "wait PAYLAB_BREAKER_OPEN_WAIT seconds after it opened (step 4)"),
-        ("closed", "bring billing back (paylab chaos database billing --up) and wait"),
+        ("open", "cut the link (paylab chaos partition billing) and inquire twice (step 4)"),
+        ("half_open", "heal the link (paylab chaos heal all): a probe succeeds (step 6)"),
+        ("closed", "heal the link (paylab chaos heal all) and wait a few seconds"),
     ):
         what = (
             f"the billing breaker went {state.replace('_', '-')} (paylab_breaker_transitions_total)"
