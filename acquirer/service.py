@@ -4,7 +4,9 @@
   ``GET /transactions/{id}``. Each builds a MACed 0200/0420, records it, sends it to
   the gateway over one persistent multiplexed connection and maps the answer to JSON.
 * A terminal listener (ISO-8583): terminals that MAC and PIN-encrypt themselves pass
-  through it to the gateway; requests and answers are relayed unchanged.
+  through it to the gateway; requests and answers are relayed unchanged. Every answer to
+  a state-changing request (payment, advice, reversal) is recorded before it is relayed,
+  so reconciliation knows what each terminal was told.
 
 HTTP statuses: 200 for every answered transaction (a decline is an answer), 404 for an
 unknown id, 422 for a bad body (naming the field), 503 (code 91) when the gateway cannot be
@@ -14,15 +16,18 @@ unknown and it is recorded as ``unknown`` (the gateway journals its side too).
 Storage failures (a full disk, a database away) never give a 500: a request that cannot be
 recorded is not sent and is answered 503 with ``Retry-After``; an answer that came but could
 not be recorded is returned as it came, marked ``"recorded": false``. On the terminal
-listener a storage failure is a 91 (:class:`~shared.service.IsoService`).
+listener an answer that cannot be recorded is relayed all the same (counted, logged); any
+other storage failure while answering is a 91 (:class:`~shared.service.IsoService`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from functools import wraps
 from typing import Any
 
+from prometheus_client import Counter
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
@@ -31,7 +36,7 @@ from starlette.routing import BaseRoute, Route
 
 from acquirer.api import BodyError, InquiryBody, PaymentBody, parse_body
 from acquirer.builder import RequestBuilder, Terminal
-from acquirer.store import TransactionStore
+from acquirer.store import TransactionStore, terminal_row
 from gateway.journal import status_of
 from hsm.keyfile import KeyFile, load_key_file
 from shared import codec
@@ -39,6 +44,7 @@ from shared.auth import public
 from shared.codes import RC, describe
 from shared.db import DatabaseError
 from shared.errors import UpstreamError
+from shared.group_commit import GroupCommit
 from shared.http import json_error
 from shared.messages import (
     MTI_ADVICE,
@@ -102,15 +108,30 @@ class AcquirerService(IsoService):
             "gateway", settings.address("gateway"), decode_iso_keyed, IsoDialect()
         )
         self.store: TransactionStore | None = None
+        # Terminal answers are recorded in groups: one transaction for the answers of a moment.
+        self._answers: GroupCommit[dict[str, Any], None] = GroupCommit(self._record_answers)
+        self.record_failures = Counter(
+            "paylab_acquirer_record_failures",
+            "Answers to terminals that could not be recorded (the database failed); the "
+            "answer was given all the same, and the gateway's journal holds it.",
+            registry=self.metrics.registry,
+        )
 
     def prepare_database(self, sessions: sessionmaker[Session]) -> None:
         self.store = TransactionStore(sessions)
+
+    async def _record_answers(self, rows: Sequence[dict[str, Any]]) -> list[None]:
+        store = self.store
+        assert store is not None
+        await self.in_db_thread(store.record_answers, rows)
+        return [None] * len(rows)
 
     # -- terminal pass-through ---------------------------------------------------------------
     async def dispatch(self, frame: IsoFrame, peer: str) -> Message:
         msg = frame.msg
         if msg["t"] == MTI_NETWORK:
             return make_response(msg, RC.APPROVED)
+        received_at = datetime.now(UTC)
         try:
             answer = await self.gateway.call(
                 frame.raw,
@@ -119,8 +140,30 @@ class AcquirerService(IsoService):
                 resend_safe=not changes_state(msg),
             )
         except UpstreamError as exc:
-            return make_response(msg, failure_code(exc, msg))
-        return answer.msg
+            response = make_response(msg, failure_code(exc, msg))
+        else:
+            response = answer.msg
+        if changes_state(msg):
+            await self._record_terminal_answer(msg, response, received_at)
+        return response
+
+    async def _record_terminal_answer(
+        self, msg: Message, response: Message, received_at: datetime
+    ) -> None:
+        """Record what the terminal is told (before it is told: group commit).
+
+        A failure to record is logged and counted, and the answer still goes out: the
+        gateway's journal holds the same answer, and reconciliation falls back on it.
+        """
+        code = response.get("39", RC.SYSTEM_MALFUNCTION)
+        row = terminal_row(
+            msg, code, status_of(code), received_at=received_at, answered_at=datetime.now(UTC)
+        )
+        try:
+            await self._answers.submit(row)
+        except DatabaseError as exc:
+            self.record_failures.inc()
+            self.log.error("answer_not_recorded", rrn=msg.get("37"), error=str(exc)[:200])
 
     # -- HTTP API -------------------------------------------------------------------------------
     def routes(self) -> Sequence[BaseRoute]:

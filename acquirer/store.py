@@ -1,18 +1,91 @@
-"""The acquirer's transaction records, synchronous (called from a worker thread)."""
+"""The acquirer's transaction records, synchronous (called from a worker thread).
+
+:func:`terminal_row` builds the record of one answer given to a terminal (pure);
+:class:`TransactionStore` writes and reads the table.
+"""
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from acquirer.models import Transaction
-from shared.db import transaction
+from acquirer.models import CHANNEL_API, CHANNEL_TERMINAL, Transaction
+from shared.db import connection_transaction, engine_of, table_of, transaction
+from shared.messages import (
+    MTI_ADVICE,
+    MTI_ADVICE_REPEAT,
+    MTI_REVERSAL,
+    MTI_REVERSAL_REPEAT,
+    idempotency_key,
+    original_key,
+)
 from shared.pan import mask_pan
+
+_INSERT = insert(table_of(Transaction))
+
+
+def kind_of(mti: str) -> str:
+    """The record kind of a state-changing request MTI: payment, advice or reversal."""
+    if mti in (MTI_REVERSAL, MTI_REVERSAL_REPEAT):
+        return "reversal"
+    if mti in (MTI_ADVICE, MTI_ADVICE_REPEAT):
+        return "advice"
+    return "payment"
+
+
+def _original_key(msg: Mapping[str, str]) -> str | None:
+    if msg.get("t") not in (MTI_REVERSAL, MTI_REVERSAL_REPEAT) or "90" not in msg:
+        return None
+    try:
+        return original_key(msg)[:64]
+    except ValueError:  # a malformed field 90 (answered 30 upstream): nothing to pair
+        return None
+
+
+def _amount(msg: Mapping[str, str]) -> int:
+    value = msg.get("4", "")
+    return int(value) if value.isdigit() else 0
+
+
+def terminal_row(
+    msg: Mapping[str, str],
+    code: str,
+    status: str,
+    *,
+    received_at: datetime,
+    answered_at: datetime,
+) -> dict[str, Any]:
+    """The record of one answer (``code``, ``status``) given to a terminal for ``msg``."""
+    pan = msg.get("2")
+    return {
+        "id": uuid.uuid4().hex,
+        "kind": kind_of(msg["t"]),
+        "mti": msg["t"],
+        "stan": msg.get("11", "")[:6],
+        "rrn": msg.get("37", "")[:12],
+        "transmitted": msg.get("7", "")[:10],
+        "acquirer_id": msg.get("32", "")[:11],
+        "terminal_id": msg.get("41", "")[:8],
+        "bill_number": msg.get("48", "")[:32],
+        "amount": _amount(msg),
+        "currency": msg.get("49", "")[:3],
+        "pan_masked": mask_pan(pan) if pan else None,
+        "status": status,
+        "response_code": code[:2],
+        "response_json": None,
+        "original_id": None,
+        "created_at": received_at,
+        "completed_at": answered_at,
+        "channel": CHANNEL_TERMINAL,
+        "idempotency_key": idempotency_key(msg)[:64],
+        "original_key": _original_key(msg),
+    }
 
 
 class TransactionStore:
@@ -20,6 +93,13 @@ class TransactionStore:
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        self._engine = engine_of(sessions)
+
+    def record_answers(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert terminal answers (:func:`terminal_row`) in one transaction."""
+        if rows:
+            with connection_transaction(self._engine, write=True) as conn:
+                conn.execute(_INSERT, [dict(r) for r in rows])
 
     def open(self, kind: str, msg: Mapping[str, str], original_id: str | None = None) -> str:
         """Record an outgoing request; returns its id (32 hex characters)."""
@@ -40,6 +120,9 @@ class TransactionStore:
             status="pending",
             original_id=original_id,
             created_at=datetime.now(UTC),
+            channel=CHANNEL_API,
+            idempotency_key=idempotency_key(msg)[:64],
+            original_key=_original_key(msg),
         )
         with transaction(self._sessions, write=True) as s:
             s.add(tx)

@@ -168,3 +168,18 @@ class ProcessedRequest(Base):
     response_code: Mapped[str] = mapped_column(String(2))
     response_json: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Ledger(Base):
+    """The ledger's identity: one row (``id`` 1) made when a network's ledger is created.
+
+    Billing compares it with the marker in its data directory at start and before every
+    commit (:mod:`billing.ledger`), so that a deleted or swapped database is noticed.
+    """
+
+    __tablename__ = "ledger"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    ledger_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

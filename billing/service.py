@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
+from prometheus_client import Gauge
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing.ledger import LedgerGuard, LedgerLost, Start, open_ledger
 from billing.models import CARD_ACTIVE, Bill
 from billing.store import (
     BillingStore,
@@ -38,6 +40,7 @@ from shared.codes import RC
 from shared.db import DatabaseError, transaction
 from shared.errors import UpstreamError
 from shared.group_commit import GroupCommit
+from shared.http import HealthCheck
 from shared.messages import (
     MTI_ADVICE,
     MTI_ADVICE_REPEAT,
@@ -117,19 +120,60 @@ class BillingService(IsoService):
         self._postings: GroupCommit[PaymentRequest, PaymentResult] = GroupCommit(
             self._posting_batch
         )
+        #: Checks that the database is still the ledger opened at start (billing.ledger).
+        self.guard: LedgerGuard | None = None
+        self._lost_reported = False
+        self.ledger_lost_gauge = Gauge(
+            "paylab_billing_ledger_lost",
+            "1 once billing found its database deleted or replaced while running (it then "
+            "answers 91 to everything until restarted)",
+            registry=self.metrics.registry,
+        )
 
     # -- set-up -------------------------------------------------------------------------------
     def prepare_database(self, sessions: sessionmaker[Session]) -> None:
-        self.store = BillingStore(sessions)
-        pvk = self.keys.keys["PVK"].clear
-        seeded = self.store.seed_demo_data(
-            self.pan_hash, lambda pan, pvki, pin: crypto.pvv(pvk, pan, pvki, pin)
+        """Open the ledger (see :mod:`billing.ledger`): a new network's ledger is created and
+        seeded with the demo data; a ledger this data directory served before must be the
+        one found, or billing refuses to start (:class:`~billing.ledger.LedgerLost`)."""
+        assert self.engine is not None
+        store = self.store = BillingStore(sessions)
+        start, ledger_id = open_ledger(
+            store, self.settings.data_dir, lambda: seed_demo(store, self.settings, self.keys)
         )
-        if seeded:
+        if start is not Start.SAME:
+            self.log.info("ledger_created", ledger=ledger_id, start=start.value)
+        if start is Start.NEW:
             self.log.info("demo_data_seeded")
+        self.guard = LedgerGuard(self.engine, ledger_id)
+        store.set_guard(self.guard.check)
         with transaction(sessions, write=False) as session:
             billers = session.scalars(select(Bill.biller).distinct()).all()
         self.business.add_billers(billers)
+
+    def health_checks(self) -> dict[str, HealthCheck]:
+        checks = super().health_checks()
+        checks["ledger"] = self._ledger_check
+        return checks
+
+    async def _ledger_check(self) -> tuple[bool, str]:
+        guard, store = self.guard, self.store
+        if guard is None or store is None:
+            return False, "not open"
+        try:
+            await self.in_db_thread(store.check_ledger)
+        except LedgerLost as exc:
+            self._ledger_lost(exc)
+            return False, f"LOST: {exc}"
+        except DatabaseError:
+            return False, "cannot be read"
+        return True, f"ledger {guard.ledger_id}"
+
+    def _ledger_lost(self, exc: LedgerLost) -> None:
+        """Say so, loudly, once; from now on every request is answered 91."""
+        if not self._lost_reported:
+            self._lost_reported = True
+            self.ledger_lost_gauge.set(1)
+            self.log.critical("ledger_lost", reason=str(exc))
 
     # -- batched database calls ---------------------------------------------------------------
     async def _read_batch(
@@ -153,6 +197,8 @@ class BillingService(IsoService):
         try:
             if mti == MTI_NETWORK:
                 return make_response(msg, RC.APPROVED)
+            if self.guard is not None:
+                self.guard.check_file()  # one stat: a deleted database answers nothing
             if mti == MTI_FINANCIAL and msg["3"] == PC_BILL_INQUIRY:
                 return await self._inquiry(msg)
             if mti == MTI_FINANCIAL:
@@ -166,6 +212,11 @@ class BillingService(IsoService):
             # repeat of the same request gets a real answer later.
             self.log.warning("hsm_unavailable", error=type(exc).__name__)
             return self._failed(msg, RC.SYSTEM_MALFUNCTION)
+        except LedgerLost as exc:
+            # The database is not the ledger billing served: nothing it holds can be trusted
+            # (a posting made now would vanish with it). Inoperative until an operator acts.
+            self._ledger_lost(exc)
+            return self._failed(msg, RC.ISSUER_INOPERATIVE)
         except DatabaseError as exc:
             # The biller cannot post: it is inoperative (91), a transient condition the
             # gateway may retry. Nothing was committed (one transaction per request), so
@@ -271,6 +322,15 @@ class BillingService(IsoService):
         if not res.replayed:
             self.business.reversals.labels(res.code).inc()
         return make_response(msg, res.code)
+
+
+def seed_demo(store: BillingStore, settings: Settings, keys: KeyFile) -> bool:
+    """Load the demo customers, cards and bills (:mod:`billing.demo_data`) into ``store``
+    if it has none: PANs hashed with the settings' key, PVVs made with the key file's PVK.
+    True when it seeded."""
+    pan_hash = PanHasher(settings.pan_hash_key.encode())
+    pvk = keys.keys["PVK"].clear
+    return store.seed_demo_data(pan_hash, lambda pan, pvki, pin: crypto.pvv(pvk, pan, pvki, pin))
 
 
 def _source(mti: str) -> str:

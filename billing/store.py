@@ -40,7 +40,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Final, NamedTuple, Protocol, TypeVar
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -56,6 +56,7 @@ from billing.models import (
     Bill,
     Card,
     Customer,
+    Ledger,
     Posting,
     ProcessedRequest,
     utcnow,
@@ -73,6 +74,7 @@ __all__ = [
     "RC_INVALID_AMOUNT",
     "RC_INVALID_TRANSACTION",
     "RC_NO_SUCH_CARD",
+    "RC_REVERSED_REPEAT",
     "RC_UNKNOWN_BILL",
     "RC_WRONG_PIN",
     "REVERSAL_MTIS",
@@ -101,6 +103,12 @@ RC_DUPLICATE: Final[str] = RC.DUPLICATE.value
 ONLINE_MTIS: Final = frozenset({"0200"})
 ADVICE_MTIS: Final = frozenset({"0220", "0221"})
 REVERSAL_MTIS: Final = frozenset({"0420", "0421"})
+
+#: The answer to a repeat of a payment whose posting has been reversed: ``12`` (invalid
+#: transaction), as for a payment whose reversal arrived first (the tombstone below). Both
+#: mean "this transaction was reversed": it can never be approved again, and its approval is
+#: never replayed. See docs/message-spec.md.
+RC_REVERSED_REPEAT: Final[str] = RC_INVALID_TRANSACTION
 
 #: ``request_digest`` of the tombstone stored under a payment's key when its reversal arrived
 #: first. It matches any digest: whatever the late payment looks like, it replays the ``12``.
@@ -305,9 +313,20 @@ _CARD = table_of(Card)
 _BILL = table_of(Bill)
 _CUSTOMER = table_of(Customer)
 _POSTING = table_of(Posting)
-_RECORDED_FOR = select(
-    _PR.c.idempotency_key, _PR.c.mti, _PR.c.request_digest, _PR.c.response_code, _PR.c.response_json
-).where(_PR.c.idempotency_key.in_(bindparam("keys", expanding=True)))
+# Recorded outcomes with the status of the posting made under the same key (if any): a
+# replayed approval whose posting was reversed since is answered ``12``, never ``00``.
+_RECORDED_FOR = (
+    select(
+        _PR.c.idempotency_key,
+        _PR.c.mti,
+        _PR.c.request_digest,
+        _PR.c.response_code,
+        _PR.c.response_json,
+        _POSTING.c.status.label("posting_status"),
+    )
+    .outerjoin(_POSTING, _POSTING.c.idempotency_key == _PR.c.idempotency_key)
+    .where(_PR.c.idempotency_key.in_(bindparam("keys", expanding=True)))
+)
 # Cards by PAN hash: the hash, then the fields of a CardRef in its order.
 _CARDS_FOR = select(
     _CARD.c.pan_hash,
@@ -333,6 +352,9 @@ _BILLS_FOR = (
 )
 # FOR UPDATE locks the bill rows only (PostgreSQL), in bill-number order.
 _BILLS_FOR_UPDATE = _BILLS_FOR.order_by(_BILL.c.bill_number).with_for_update(of=_BILL)
+_LEDGER = table_of(Ledger)
+_LEDGER_ID = select(_LEDGER.c.ledger_id).where(_LEDGER.c.id == 1)
+_ANY_CUSTOMER = select(_CUSTOMER.c.id).limit(1)
 _INSERT_RECORDS = insert(_PR)
 _INSERT_POSTINGS = insert(_POSTING).returning(_POSTING.c.id, sort_by_parameter_order=True)
 _MARK_PAID = (
@@ -350,13 +372,28 @@ class BillingStore:
     """
 
     def __init__(
-        self, sessions: sessionmaker[Session], *, clock: Callable[[], datetime] = utcnow
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        guard: Callable[[Connection], None] | None = None,
     ) -> None:
         self._sessions = sessions
         #: The hot paths (payments, their replay checks, inquiries) run Core statements on
         #: a plain connection: see :func:`~shared.db.connection_transaction`.
         self._engine = engine_of(sessions)
         self._clock = clock
+        #: Called inside every write transaction just before its commit; it raises (e.g.
+        #: :class:`billing.ledger.LedgerLost`) to roll the transaction back.
+        self._guard = guard
+
+    def set_guard(self, guard: Callable[[Connection], None] | None) -> None:
+        """Install the check run before every commit (see ``guard`` above)."""
+        self._guard = guard
+
+    def _check(self, conn: Connection) -> None:
+        if self._guard is not None:
+            self._guard(conn)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -374,8 +411,9 @@ class BillingStore:
         ``94`` response (``replayed=False``, no fields) if it was seen with a different digest;
         None if the key is new.
         """
-        with _infrastructure_errors(), transaction(self._sessions, write=False) as session:
-            return _seen(session, idempotency_key, request_digest)
+        with _infrastructure_errors(), connection_transaction(self._engine, write=False) as conn:
+            row = conn.execute(_RECORDED_FOR, {"keys": [idempotency_key]}).first()
+        return _seen_row(row, idempotency_key, request_digest)
 
     def replay_and_cards(
         self, items: Sequence[tuple[str, str, str]]
@@ -482,7 +520,9 @@ class BillingStore:
 
         def attempt() -> list[PaymentResult]:
             with connection_transaction(self._engine, write=True) as conn:
-                return self._pay_in(conn, requests)
+                results = self._pay_in(conn, requests)
+                self._check(conn)
+                return results
 
         try:
             return _retry_on_conflict(attempt)
@@ -649,6 +689,7 @@ class BillingStore:
 
             record = _Record(request.idempotency_key, request.request_digest, request.mti)
             stored = _record(session, record, code, fields, self._clock())
+            self._check(session.connection())
             return _reversal_result(request, code, stored, replayed=False)
 
     def record_decline(
@@ -681,9 +722,33 @@ class BillingStore:
                     return seen
                 record = _Record(idempotency_key, request_digest, mti)
                 stored = _record(session, record, code, fields, self._clock())
+                self._check(session.connection())
                 return StoredResponse(idempotency_key, mti, code, stored, replayed=False)
 
         return _retry_on_conflict(once)
+
+    # -- the ledger's identity (billing.ledger) --------------------------------------------
+
+    def ledger_state(self) -> tuple[str | None, bool]:
+        """The ledger id (None when there is none) and whether any customer exists."""
+        with _infrastructure_errors(), connection_transaction(self._engine, write=False) as conn:
+            ledger = conn.execute(_LEDGER_ID).scalar()
+            has_data = conn.execute(_ANY_CUSTOMER).first() is not None
+        return (None if ledger is None else str(ledger)), has_data
+
+    def create_ledger(self, ledger_id: str, *, replace: bool = False) -> None:
+        """Give the database its ledger id; ``replace`` overwrites an existing one."""
+        with _infrastructure_errors(), connection_transaction(self._engine, write=True) as conn:
+            if replace:
+                conn.execute(delete(_LEDGER))
+            conn.execute(
+                insert(_LEDGER), {"id": 1, "ledger_id": ledger_id, "created_at": self._clock()}
+            )
+
+    def check_ledger(self) -> None:
+        """Run the guard (see ``guard``) in a read transaction: for health checks."""
+        with _infrastructure_errors(), connection_transaction(self._engine, write=False) as conn:
+            self._check(conn)
 
     def seed_demo_data(
         self,
@@ -779,7 +844,8 @@ def _retry_on_conflict(attempt: Callable[[], _T]) -> _T:
 
 
 def _seen(session: Session, key: str, digest: str) -> StoredResponse | None:
-    return _seen_row(session.get(ProcessedRequest, key), key, digest)
+    row = session.execute(_RECORDED_FOR, {"keys": [key]}).first()
+    return _seen_row(row, key, digest)
 
 
 class _Recorded(Protocol):
@@ -792,15 +858,31 @@ class _Recorded(Protocol):
     response_json: str
 
 
-def _seen_row(row: _Recorded | None, key: str, digest: str) -> StoredResponse | None:
-    """The outcome a repeat of ``key`` gets from its ``processed_requests`` row (see replay)."""
+def _seen_row(
+    row: _Recorded | None, key: str, digest: str, posting_status: str | None = None
+) -> StoredResponse | None:
+    """The outcome a repeat of ``key`` gets from its ``processed_requests`` row (see replay).
+
+    ``posting_status`` is the status of the posting made under ``key``; when not given, it is
+    read from the row itself (a row of :data:`_RECORDED_FOR`) if it has it. A recorded
+    approval whose posting has been reversed since replays as ``12`` (the transaction was
+    reversed, see :data:`RC_REVERSED_REPEAT`), without an approval code: an approval is
+    only ever replayed for a posting in force.
+    """
     if row is None:
         return None
-    if row.request_digest in (digest, REVERSED_BEFORE_POSTING):
+    if row.request_digest not in (digest, REVERSED_BEFORE_POSTING):
+        return StoredResponse(key, row.mti, RC_DUPLICATE, MappingProxyType({}), replayed=False)
+    fields = _decode(row.response_json)
+    if posting_status is None:
+        posting_status = getattr(row, "posting_status", None)
+    if row.response_code == RC_APPROVED and posting_status == POSTING_REVERSED:
+        kept = {k: v for k, v in fields.items() if k != "posting_id"}
+        kept["reversed"] = True
         return StoredResponse(
-            row.idempotency_key, row.mti, row.response_code, _decode(row.response_json), True
+            row.idempotency_key, row.mti, RC_REVERSED_REPEAT, MappingProxyType(kept), True
         )
-    return StoredResponse(key, row.mti, RC_DUPLICATE, MappingProxyType({}), replayed=False)
+    return StoredResponse(row.idempotency_key, row.mti, row.response_code, fields, True)
 
 
 class _Record(NamedTuple):

@@ -1,7 +1,8 @@
 """The gateway's transaction journal: one row per answered request.
 
 :func:`journal_row` builds a row (pure), :class:`Journal` reads and writes the table
-(synchronous, in a worker thread), :class:`JournalWriter` batches the writes.
+(synchronous, in a worker thread), :class:`JournalWriter` commits each row before the
+answer leaves, many rows per commit.
 :func:`status_of` maps a response code to the journal status.
 """
 
@@ -13,15 +14,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 import trio
-from sqlalchemy import func, insert, select
+from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway.models import JournalEntry
+from gateway.models import JournalEntry, SafEntry
 from shared.codes import RC
-from shared.db import connection_transaction, engine_of, table_of, transaction
+from shared.db import DatabaseError, connection_transaction, engine_of, table_of, transaction
+from shared.group_commit import GroupCommit
 from shared.messages import (
+    MTI_FINANCIAL,
     MTI_REVERSAL,
     MTI_REVERSAL_REPEAT,
+    PC_BILL_PAYMENT,
     idempotency_key,
     original_key,
 )
@@ -101,6 +106,22 @@ def _original_key(msg: Mapping[str, str]) -> str | None:
 
 
 _INSERT = insert(table_of(JournalEntry))
+_SAF = table_of(SafEntry)
+#: The payments among ``keys`` that the gateway decided to reverse (see Journal.write).
+_REVERSED_AMONG = select(_SAF.c.original_key).where(
+    _SAF.c.original_key.in_(bindparam("keys", expanding=True)),
+    _SAF.c.kind == "reversal",
+    _SAF.c.origin == "gateway",
+    _SAF.c.state != "cancelled",
+)
+
+
+def _is_payment_approval(row: Mapping[str, Any]) -> bool:
+    return (
+        row.get("mti") == MTI_FINANCIAL
+        and row.get("processing_code") == PC_BILL_PAYMENT
+        and row.get("response_code") == RC.APPROVED
+    )
 
 
 class Journal:
@@ -110,13 +131,35 @@ class Journal:
         self._sessions = sessions
         self._engine = engine_of(sessions)
 
-    def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Insert ``rows`` in one transaction (one commit for a whole batch)."""
+    def write(self, rows: Sequence[Mapping[str, Any]]) -> set[str]:
+        """Insert ``rows`` in one transaction (one commit for a whole batch).
+
+        Returns the keys of the payment approvals it **vetoed**: an approved ``0200`` whose
+        payment the gateway has already decided to reverse (a queued reversal after a 68;
+        another replica may have queued it). Such a row is written as 68 (unknown) instead,
+        and the caller must answer 68: the reversal will undo whatever billing replayed.
+
+        Raises:
+            DatabaseError: the database failed; nothing was written.
+        """
         if not rows:
-            return
-        # A Core insert on the table: no session or ORM bulk machinery per batch.
-        with connection_transaction(self._engine, write=True) as conn:
-            conn.execute(_INSERT, [dict(r) for r in rows])
+            return set()
+        batch = [dict(r) for r in rows]
+        approvals = [r["idempotency_key"] for r in batch if _is_payment_approval(r)]
+        try:
+            # A Core insert on the table: no session or ORM bulk machinery per batch.
+            with connection_transaction(self._engine, write=True) as conn:
+                vetoed: set[str] = set()
+                if approvals:
+                    vetoed = set(conn.scalars(_REVERSED_AMONG, {"keys": approvals}))
+                for r in batch:
+                    if r["idempotency_key"] in vetoed and _is_payment_approval(r):
+                        r["response_code"] = RC.LATE_RESPONSE.value
+                        r["status"] = status_of(RC.LATE_RESPONSE)
+                conn.execute(_INSERT, batch)
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"journal write failed: {exc}") from exc
+        return vetoed
 
     def find(
         self, *, rrn: str | None = None, stan: str | None = None, limit: int = 50
@@ -155,58 +198,28 @@ def _view(e: JournalEntry) -> JournalView:
 
 
 class JournalWriter:
-    """Writes journal rows in batches from one task: many requests, one commit.
+    """Journals answered requests, committed before the answer leaves (group commit).
 
-    :meth:`submit` hands a row over without waiting for the disk; the writer takes every
-    row queued since its last commit and writes them in one transaction. The journal is
-    the gateway's audit trail, not its ledger (billing's postings are; the
-    store-and-forward queue will be the gateway's durable record), so a crash may lose
-    the last batch of rows but never a payment. :meth:`flush` waits until everything
-    submitted before it is committed: readers call it to see their own writes.
+    The journal is part of the money record: reconciliation proves every approval against
+    it, so no 00 may leave the gateway unless its row is durable. :meth:`write` returns only
+    once the row is committed; the rows of requests answered at the same moment share one
+    transaction and one fsync (:class:`shared.group_commit.GroupCommit`), in a worker thread
+    of its own (outside the service's database limiter, so a journal write never waits
+    behind the queue's work).
     """
 
-    def __init__(self, journal: Journal, log: Any, max_batch: int = 1000) -> None:
+    def __init__(self, journal: Journal, max_batch: int = 1000) -> None:
         self._journal = journal
-        self._log = log
-        self._max_batch = max_batch
-        self._send, self._receive = trio.open_memory_channel[dict[str, Any] | trio.Event](10_000)
+        self._commit: GroupCommit[dict[str, Any], bool] = GroupCommit(self._write, max_batch)
 
-    async def submit(self, row: dict[str, Any]) -> None:
-        """Queue a row (waits only if 10 000 rows are already waiting: back-pressure)."""
-        await self._send.send(row)
+    async def _write(self, rows: Sequence[dict[str, Any]]) -> list[bool]:
+        vetoed = await trio.to_thread.run_sync(self._journal.write, rows)
+        return [row["idempotency_key"] in vetoed and _is_payment_approval(row) for row in rows]
 
-    async def flush(self) -> None:
-        """Return once every row submitted before this call is committed."""
-        done = trio.Event()
-        await self._send.send(done)
-        await done.wait()
+    async def write(self, row: dict[str, Any]) -> bool:
+        """Commit ``row``; True when its approval was vetoed (see :meth:`Journal.write`).
 
-    async def close(self) -> None:
-        """Write what is queued and stop the writer."""
-        await self.flush()
-        await self._send.aclose()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        async with self._receive:
-            async for first in self._receive:
-                batch: list[dict[str, Any]] = []
-                waiters: list[trio.Event] = []
-                item = first
-                while True:
-                    if isinstance(item, trio.Event):
-                        waiters.append(item)
-                    else:
-                        batch.append(item)
-                    if len(batch) >= self._max_batch:
-                        break
-                    try:
-                        item = self._receive.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                try:
-                    await trio.to_thread.run_sync(self._journal.write, batch)
-                except Exception:
-                    self._log.exception("journal_write_failed", rows=len(batch))
-                for w in waiters:
-                    w.set()
+        Raises:
+            DatabaseError: the row could not be written.
+        """
+        return await self._commit.submit(row)

@@ -67,6 +67,23 @@ class SafMetrics:
             ["outcome"],
             registry=r,
         )
+        self.journal_failures = Counter(
+            "paylab_journal_write_failures",
+            "Journal rows that could not be committed (the database failed, e.g. disk full). "
+            "An approval whose row cannot be written is withheld.",
+            registry=r,
+        )
+        self.withheld = Counter(
+            "paylab_approvals_withheld",
+            "Billing approvals the gateway did not pass on because their journal row could "
+            "not be written, by what became of the posting: reversal_queued, reversed_online, "
+            "orphaned (the reversal failed too: reconciliation reports it), vetoed (the "
+            "payment was already being reversed after a 68).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("reversal_queued", "reversed_online", "orphaned", "vetoed"):
+            self.withheld.labels(outcome)
         for state in SafState:
             self.entries.labels(state.value)
         for kind in KINDS:

@@ -96,6 +96,11 @@ class SafEntry(Base):
     original_key: Mapped[str | None] = mapped_column(String(64), index=True)
     #: advice | reversal
     kind: Mapped[str] = mapped_column(String(8))
+    #: Who decided the message: ``gateway`` (a stand-in advice, a reversal after a 68 or of
+    #: a withheld approval) or ``acquirer`` (an acquirer's own advice or reversal the gateway
+    #: took over). A gateway reversal means the acquirer was never answered 00 for the
+    #: original, so a repeat of it is answered 68 again and never forwarded.
+    origin: Mapped[str | None] = mapped_column(String(8))
     #: Higher is sent first (reversals before advices).
     priority: Mapped[int] = mapped_column(Integer)
     #: queued | in_flight | done | dead | cancelled

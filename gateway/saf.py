@@ -94,6 +94,8 @@ __all__ = [
     "ALLOWED",
     "KIND_ADVICE",
     "KIND_REVERSAL",
+    "ORIGIN_ACQUIRER",
+    "ORIGIN_GATEWAY",
     "PRIORITY_ADVICE",
     "PRIORITY_REVERSAL",
     "Claimed",
@@ -145,6 +147,10 @@ PURGEABLE_STATES: Final = (SafState.DONE.value, SafState.CANCELLED.value)
 
 KIND_ADVICE: Final = "advice"
 KIND_REVERSAL: Final = "reversal"
+#: Who decided a queued message (see :class:`gateway.models.SafEntry`).
+ORIGIN_GATEWAY: Final = "gateway"
+ORIGIN_ACQUIRER: Final = "acquirer"
+ORIGINS: Final = frozenset({ORIGIN_GATEWAY, ORIGIN_ACQUIRER})
 #: Reversals first: undoing a payment that may have posted matters more than delivering an
 #: approval, and billing handles a reversal that overtakes its payment (tombstone).
 PRIORITY_REVERSAL: Final = 100
@@ -293,10 +299,14 @@ class NewEntry:
     pan_hash: str | None
     max_attempts: int
     original_key: str | None = None
+    #: ``gateway`` (the gateway decided it) or ``acquirer`` (an acquirer's own message).
+    origin: str = ORIGIN_GATEWAY
 
     def __post_init__(self) -> None:
         if self.kind not in FIRST_MTI:
             raise ValueError(f"kind must be advice or reversal: {self.kind!r}")
+        if self.origin not in ORIGINS:
+            raise ValueError(f"origin must be gateway or acquirer: {self.origin!r}")
         if self.mti != FIRST_MTI[self.kind]:
             raise ValueError(f"a {self.kind} is queued with MTI {FIRST_MTI[self.kind]}")
         _check_text("idempotency_key", self.idempotency_key, 64)
@@ -336,6 +346,7 @@ class SafView:
     idempotency_key: str
     original_key: str | None
     kind: str
+    origin: str | None
     priority: int
     state: SafState
     mti: str
@@ -603,6 +614,7 @@ class SafStore:
                 "idempotency_key": entry.idempotency_key,
                 "original_key": orig,
                 "kind": entry.kind,
+                "origin": entry.origin,
                 "priority": entry.priority,
                 "state": SafState.QUEUED.value,
                 "mti": entry.mti,
@@ -876,6 +888,23 @@ class SafStore:
         with _db_errors(), transaction(self._sessions, write=False) as s:
             row = s.execute(select(*_VIEW_COLUMNS).where(_T.c.id == entry_id)).first()
         return None if row is None else _view(row)
+
+    def gateway_reversed(self) -> set[str]:
+        """Keys of the payments the gateway decided to reverse (its reversals not cancelled).
+
+        The acquirer was told 68 for each: a repeat of one must get 68 again and must never
+        be forwarded (billing could replay an approval). Read at start, so that this
+        survives a restart; an entry purged after its retention is no longer listed
+        (billing then answers such a repeat ``12``, see docs/message-spec.md).
+        """
+        q = select(_T.c.original_key).where(
+            _T.c.kind == KIND_REVERSAL,
+            _T.c.origin == ORIGIN_GATEWAY,
+            _T.c.state != SafState.CANCELLED.value,
+            _T.c.original_key.is_not(None),
+        )
+        with _db_errors(), transaction(self._sessions, write=False) as s:
+            return {str(k) for k in s.scalars(q)}
 
     def get_by_key(self, idempotency_key: str) -> SafView | None:
         """The entry queued under ``idempotency_key`` (unique), or None."""

@@ -16,8 +16,10 @@ The path of one 0200, each step one method so later mechanisms plug in at one pl
    an answer, not what the rest of the pipeline does with it;
 5. :meth:`finish` MACs the response (M6).
 
-The journal row (one per answered request) is handed to a batching writer after the
-answer is decided; see :class:`gateway.journal.JournalWriter` for why that is safe.
+The journal row (one per answered request) is committed before the answer leaves (group
+commit, :class:`gateway.journal.JournalWriter`): the journal is part of the money record,
+so no 00 leaves the gateway without its durable row. When the row cannot be written, an
+approved payment is withheld and undone (:meth:`GatewayService._withhold`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,16 @@ from gateway.forwarder import Forwarder
 from gateway.journal import Journal, JournalView, JournalWriter, journal_row
 from gateway.limits import LIMITS, RequestLimits
 from gateway.metrics import SafMetrics
-from gateway.saf import KIND_ADVICE, KIND_REVERSAL, NewEntry, QueueFull, SafStore, SafView
+from gateway.saf import (
+    KIND_ADVICE,
+    KIND_REVERSAL,
+    ORIGIN_ACQUIRER,
+    ORIGIN_GATEWAY,
+    NewEntry,
+    QueueFull,
+    SafStore,
+    SafView,
+)
 from gateway.saf_api import saf_routes
 from gateway.standin import (
     StandInPolicy,
@@ -133,15 +144,18 @@ class GatewayService(IsoService):
         self.saf_metrics = SafMetrics(self.metrics.registry)
         self.forwarder: Forwarder | None = None
         # Payments whose outcome was unknown and that the gateway reversed: a repeat of one
-        # gets the same 68 instead of being forwarded (and posted) again.
+        # gets the same 68 instead of being forwarded (and posted) again. Loaded from the
+        # queue at start (SafStore.gateway_reversed), so it survives a restart; the journal's
+        # veto (Journal.write) covers a reversal queued by another replica.
         self._reversed: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._stats_scope = trio.CancelScope()
 
     def prepare_database(self, sessions: sessionmaker[Session]) -> None:
         self.journal = Journal(sessions)
-        self.journal_writer = JournalWriter(self.journal, self.log)
+        self.journal_writer = JournalWriter(self.journal)
         self.saf = SafStore(sessions, self.vault, max_size=self.settings.saf_max_size)
+        self._reversed = self.saf.gateway_reversed()
         self.forwarder = Forwarder(
             self.saf,
             self.billing,
@@ -155,7 +169,6 @@ class GatewayService(IsoService):
     async def start_background(self, nursery: trio.Nursery) -> None:
         assert self.journal_writer is not None and self.forwarder is not None
         self._nursery = nursery
-        await nursery.start(self.journal_writer.run)
         await nursery.start(self.forwarder.run)
         nursery.start_soon(self._refresh_saf_gauges)
 
@@ -180,11 +193,6 @@ class GatewayService(IsoService):
                     self.saf_metrics.oldest_age.set(stats.oldest_queued_age_seconds or 0.0)
                 await trio.sleep(2.0)
 
-    async def close_resources(self) -> None:
-        if self.journal_writer is not None:
-            await self.journal_writer.close()
-        await super().close_resources()
-
     # -- the pipeline -------------------------------------------------------------------------
     async def dispatch(self, frame: IsoFrame, peer: str) -> Message:
         msg = frame.msg
@@ -197,6 +205,7 @@ class GatewayService(IsoService):
         request_deadline.set(start + self.settings.online_budget)
         received_at = datetime.now(UTC)
         journaled = False
+        forward: Message | None = None
         try:
             self._check_limit(self.limits.check_request(msg))
             await self._check_mac(frame)
@@ -206,9 +215,25 @@ class GatewayService(IsoService):
             response, journaled = await self._forward(forward, msg, received_at)
         except _Decline as d:
             response = make_response(msg, d.code)
+        if journaled:
+            return response
         code = response.get("39", RC.SYSTEM_MALFUNCTION)
-        if not journaled:
-            await writer.submit(self._journal_row(msg, code, received_at))
+        try:
+            vetoed = await writer.write(self._journal_row(msg, code, received_at))
+        except DatabaseError as exc:
+            self.saf_metrics.journal_failures.inc()
+            self.log.error("journal_write_failed", rrn=msg.get("37"), error=str(exc)[:200])
+            if forward is not None and code == RC.APPROVED and is_payment(forward):
+                return await self._withhold(forward, msg, received_at)
+            # A decline changes no money; an acquirer's own reversal or advice approved by
+            # billing reports a fact already made there (withholding it would make the
+            # acquirer believe the payment stands): answered, and reconciliation reports the
+            # journal gap.
+            return response
+        if vetoed:
+            self.saf_metrics.withheld.labels("vetoed").inc()
+            self.log.warning("approval_vetoed", rrn=msg.get("37"))
+            return make_response(msg, RC.LATE_RESPONSE)
         return response
 
     def _journal_row(self, msg: Message, code: str, received_at: datetime) -> dict[str, Any]:
@@ -305,7 +330,14 @@ class GatewayService(IsoService):
         return response, False
 
     # -- store-and-forward --------------------------------------------------------------------
-    def _entry(self, kind: str, message: Message, original_key: str | None = None) -> NewEntry:
+    def _entry(
+        self,
+        kind: str,
+        message: Message,
+        original_key: str | None = None,
+        *,
+        origin: str = ORIGIN_GATEWAY,
+    ) -> NewEntry:
         pan = message.get("2")
         amount = message.get("4")
         return NewEntry(
@@ -324,6 +356,7 @@ class GatewayService(IsoService):
             pan_hash=self.pan_hash(pan) if pan else None,
             max_attempts=self.settings.saf_max_attempts,
             original_key=original_key,
+            origin=origin,
         )
 
     async def _enqueue(self, entry: NewEntry, journal: dict[str, Any]) -> SafView:
@@ -397,9 +430,57 @@ class GatewayService(IsoService):
         first["t"] = MTI_REVERSAL if fwd["t"] in (MTI_REVERSAL, MTI_REVERSAL_REPEAT) else MTI_ADVICE
         kind = KIND_REVERSAL if first["t"] == MTI_REVERSAL else KIND_ADVICE
         await self._enqueue(
-            self._entry(kind, first), self._journal_row(msg, RC.APPROVED, received_at)
+            self._entry(kind, first, origin=ORIGIN_ACQUIRER),
+            self._journal_row(msg, RC.APPROVED, received_at),
         )
         return make_response(msg, RC.APPROVED)
+
+    async def _withhold(self, fwd: Message, msg: Message, received_at: datetime) -> Message:
+        """Billing approved payment ``fwd``, but its journal row cannot be written.
+
+        No approval leaves without its record, so the payment is undone: a reversal is
+        queued (answer 68, as for a timeout), or, when the queue cannot be written either
+        (the same database: a full disk, a read-only file), sent to billing at once (answer
+        96). If that fails too, the posting stands without an approval: a critical log line
+        and ``paylab_approvals_withheld{outcome="orphaned"}``; reconciliation reports it.
+        """
+        key = idempotency_key(fwd)
+        reversal = reversal_of(fwd)
+        try:
+            await self._enqueue(
+                self._entry(KIND_REVERSAL, reversal, key[:64]),
+                self._journal_row(msg, RC.LATE_RESPONSE, received_at),
+            )
+        except _Decline:
+            pass  # the queue is in the same database: try billing directly
+        else:
+            self._reversed.add(key)
+            self.saf_metrics.withheld.labels("reversal_queued").inc()
+            self.log.error("approval_withheld", rrn=msg.get("37"), undo="reversal_queued")
+            return make_response(msg, RC.LATE_RESPONSE)
+        code: str | None = None
+        try:
+            answer = await self.billing.call(
+                codec.encode(reversal),
+                match_key(reversal),
+                timeout=self.settings.billing_timeout,
+                resend_safe=True,
+            )
+            code = answer.msg.get("39")
+        except UpstreamError as exc:
+            self.log.warning("online_reversal_failed", rrn=msg.get("37"), error=str(exc))
+        if code in (RC.APPROVED, RC.UNKNOWN_BILL):  # reversed, or nothing was posted
+            self.saf_metrics.withheld.labels("reversed_online").inc()
+            self.log.error("approval_withheld", rrn=msg.get("37"), undo="reversed_online")
+        else:
+            self.saf_metrics.withheld.labels("orphaned").inc()
+            self.log.critical(
+                "posting_orphaned",
+                rrn=msg.get("37"),
+                reason="journal and queue unwritable, online reversal failed",
+                reversal_code=code,
+            )
+        return make_response(msg, RC.SYSTEM_MALFUNCTION)
 
     def _late_answer(self, payload: bytes, key: Hashable | None) -> None:
         """A billing answer nobody waits for: count it, and note it on the queue entry."""
@@ -467,7 +548,6 @@ class GatewayService(IsoService):
             limit = max(1, min(int(request.query_params.get("limit", "50")), 500))
         except ValueError:
             return json_error(400, "limit must be a whole number")
-        await writer.flush()  # show every answer already sent
         rrn = request.query_params.get("rrn") or None
         stan = request.query_params.get("stan") or None
         rows = await self.in_db_thread(lambda: journal.find(rrn=rrn, stan=stan, limit=limit))

@@ -681,42 +681,63 @@ def bills_add(
 
 @app.command()
 def reconcile(data_dir: DataDir = None, as_json: JsonOpt = False) -> None:
-    """Compare the gateway's journal and queue with billing's postings.
+    """Prove the money rule: every client answered 00 has a posting in force, and only they.
 
-    Reads both databases (PAYLAB_GATEWAY_DB_URL, PAYLAB_BILLING_DB_URL, or the SQLite files
-    in the data directory) and prints every mismatch. Exit code 1 when there is one.
-    Transactions still being delivered are counted as pending, not as mismatches.
+    Reads the acquirer's records (what each client, API or terminal, was answered), the
+    gateway's journal and queue, and billing's postings (PAYLAB_*_DB_URL, or the SQLite
+    files in the data directory). Reports LOST (answered 00, no posting in force),
+    DUPLICATED (posted twice) and ORPHAN (posted, never approved, not reversed) with
+    examples, journal gaps, and the transactions still pending in the queue. Exit code 1
+    when anything is lost, duplicated or otherwise mismatched.
     """
-    from gateway.reconcile import load_gateway_facts, load_postings
-    from gateway.reconcile import reconcile as compare
-    from shared.db import DatabaseError, make_engine, session_factory
+    from gateway.reconcile import reconcile_databases
+    from shared.db import DatabaseError
 
     settings = _settings(data_dir)
-    engines = []
     try:
-        gateway_engine = make_engine(settings.db_url("gateway"))
-        billing_engine = make_engine(settings.db_url("billing"))
-        engines = [gateway_engine, billing_engine]
-        report = compare(
-            load_gateway_facts(session_factory(gateway_engine)), load_postings(billing_engine)
+        report = reconcile_databases(
+            settings.db_url("gateway"), settings.db_url("billing"), settings.db_url("acquirer")
         )
     except DatabaseError as exc:
         fail(f"cannot read the databases: {exc}")
         raise  # unreachable
-    finally:
-        for engine in engines:
-            engine.dispose()
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
     else:
-        out.print(
-            f"checked {report.checked} transactions: {report.pending} pending, "
-            f"{len(report.mismatches)} mismatches"
-        )
-        for m in report.mismatches:
-            out.print(f"  [red]{m.kind}[/] {m.key}: {m.detail}")
+        for line in reconcile_lines(report):
+            out.print(line)
     if not report.clean:
         raise typer.Exit(1)
+
+
+def reconcile_lines(report: Any) -> list[str]:
+    """The reconciliation report as console lines (rich markup)."""
+    colour = "green" if report.clean else "bold red"
+    lines = [
+        f"checked {report.checked} transactions: approved {report.approved}, posted "
+        f"{report.posted}, reversed {report.reversed}; {report.pending} pending",
+        f"[{colour}]lost {report.lost}, duplicated {report.duplicated}, orphans "
+        f"{report.orphans}, {len(report.mismatches)} mismatches[/]",
+    ]
+    if not report.client_side:
+        lines.append(
+            "[yellow]no acquirer records: clients' answers taken from the gateway's journal[/]"
+        )
+    if report.journal_gaps:
+        lines.append(
+            f"[yellow]journal gaps: {len(report.journal_gaps)} approvals the journal does not "
+            f"hold, e.g. {', '.join(report.journal_gaps[:3])}[/]"
+        )
+    by_kind: dict[str, list[Any]] = {}
+    for m in report.mismatches:
+        by_kind.setdefault(m.kind, []).append(m)
+    for kind, items in sorted(by_kind.items()):
+        lines.append(f"  [red]{kind}[/]: {len(items)}")
+        for m in items[:5]:
+            lines.append(f"    {m.key}: {escape(m.detail)}")
+        if len(items) > 5:
+            lines.append(f"    ... and {len(items) - 5} more (--json lists them all)")
+    return lines
 
 
 @app.command()
@@ -787,6 +808,62 @@ def db_upgrade(
         except DatabaseError as exc:
             fail(str(exc))
         out.print(f"{name}: schema up to date ({settings.db_url(name)})")
+
+
+@db_app.command("seed")
+def db_seed(
+    data_dir: DataDir = None,
+    new_ledger: Annotated[
+        bool,
+        typer.Option(
+            "--new-ledger",
+            help="Give up the ledger this data directory served (its database was lost) "
+            "and serve the database found, seeded if empty.",
+        ),
+    ] = False,
+) -> None:
+    """Create billing's ledger for a new network: schema, ledger id, demo data.
+
+    Billing does this by itself on its first start in an empty data directory; it never
+    seeds a database it finds empty after it has served one (see docs/store-and-forward.md,
+    "A lost database"). Run this to prepare a network before starting it, or with
+    --new-ledger to start over on purpose after a lost database.
+    """
+    from billing.ledger import LedgerLost, Start, open_ledger
+    from billing.service import seed_demo
+    from billing.store import BillingStore
+    from hsm.keyfile import load_key_file
+    from shared.db import DatabaseError, make_engine, session_factory, upgrade
+
+    settings = _settings(data_dir)
+    url = settings.db_url("billing")
+    engine = None
+    try:
+        upgrade(url, "billing:migrations")
+        engine = make_engine(url)
+        store = BillingStore(session_factory(engine))
+        keys = load_key_file(settings.key_file)
+        start, ledger_id = open_ledger(
+            store,
+            settings.data_dir,
+            lambda: seed_demo(store, settings, keys),
+            new_ledger=new_ledger,
+        )
+    except LedgerLost as exc:
+        fail(str(exc))
+        raise  # unreachable
+    except (DatabaseError, OSError, PaylabError) as exc:
+        fail(f"cannot prepare billing's database: {exc}")
+        raise  # unreachable
+    finally:
+        if engine is not None:
+            engine.dispose()
+    said = {
+        Start.NEW: "new ledger created and seeded with the demo data",
+        Start.ADOPT: "ledger id given to the existing data",
+        Start.SAME: "ledger already in place",
+    }
+    out.print(f"billing: {said[start]}: {ledger_id} ({url})")
 
 
 @app.command()

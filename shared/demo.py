@@ -47,6 +47,9 @@ import typer
 from gateway.reconcile import (
     APPROVED_ONLINE,
     APPROVED_STANDIN,
+    DUPLICATED,
+    LOST_KINDS,
+    ORPHAN_KINDS,
     GatewayFact,
     PostingFact,
     Report,
@@ -74,12 +77,9 @@ CAPTIONS = {
     "late": "traffic stopped early so that the queue drains in time",
 }
 
-#: Mismatch kinds of the reconciliation that mean a payment the customer was told is paid
-#: is not (lost), and those that mean money moved that should not have (duplicated).
-LOST_KINDS = frozenset(
-    {"missing_posting", "standin_not_delivered", "standin_declined_by_biller", "posting_reversed"}
-)
-DUPLICATED_KINDS = frozenset({"posted_without_approval", "reversal_not_applied"})
+#: Mismatch kinds of the reconciliation that mean money moved that should not have: posted
+#: twice, or posted without the customer's approval (see gateway.reconcile).
+DUPLICATED_KINDS = ORPHAN_KINDS | {DUPLICATED}
 
 
 # -- pure parts ---------------------------------------------------------------------------------
@@ -515,19 +515,25 @@ def _drained(view: View) -> bool:
 
 
 def reconcile_run(settings: Settings) -> tuple[list[GatewayFact], list[PostingFact], Report]:
-    """Read both databases and reconcile them (the network is stopped)."""
-    from gateway.reconcile import load_gateway_facts, load_postings, reconcile
+    """Read the three databases and reconcile them (the network is stopped)."""
+    from gateway.reconcile import (
+        load_client_facts,
+        load_gateway_facts,
+        load_postings,
+        reconcile,
+    )
     from shared.db import make_engine, session_factory
 
-    gateway_engine = make_engine(settings.db_url("gateway"))
-    billing_engine = make_engine(settings.db_url("billing"))
+    engines = {name: make_engine(settings.db_url(name)) for name in ("acquirer", "gateway")}
+    engines["billing"] = make_engine(settings.db_url("billing"))
     try:
-        facts = load_gateway_facts(session_factory(gateway_engine))
-        postings = load_postings(billing_engine)
+        facts = load_gateway_facts(session_factory(engines["gateway"]))
+        postings = load_postings(engines["billing"])
+        clients = load_client_facts(engines["acquirer"])
     finally:
-        gateway_engine.dispose()
-        billing_engine.dispose()
-    return facts, postings, reconcile(facts, postings)
+        for engine in engines.values():
+            engine.dispose()
+    return facts, postings, reconcile(facts, postings, clients)
 
 
 def _process_age() -> float:
@@ -622,7 +628,10 @@ def demo(
             shutil.rmtree(directory, ignore_errors=True)
     summary = summarize(tally, facts, postings, report, depth)
     out.print()
-    out.print("[bold]reconciliation[/] (gateway journal and queue against billing's postings)")
+    out.print(
+        "[bold]reconciliation[/] (clients' answers, the gateway's journal and queue, "
+        "billing's postings)"
+    )
     for line in summary.lines():
         out.print(f"  {line}", markup=False)
     out.print(f"  took {time.monotonic() - started:.0f} s", markup=False)

@@ -38,6 +38,9 @@ EXPECTED_ALERTS = (
     "PaylabDatabaseSlow",
     "PaylabSafBacklog",
     "PaylabBreakerOpen",
+    "PaylabLedgerLost",
+    "PaylabApprovalsWithheld",
+    "PaylabPostingOrphaned",
 )
 #: Response codes that say the network failed (``docs/metrics.md``).
 ERROR_CODES = frozenset({"68", "91", "96"})

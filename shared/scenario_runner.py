@@ -492,16 +492,18 @@ class Runner:
         raise StepFailed(f"not within {step.timeout:g} s: {last}")
 
     def _reconcile_once(self, step: ReconcileStep) -> tuple[bool, str]:
-        from gateway.reconcile import load_gateway_facts, load_postings, reconcile
-        from shared.db import make_engine, session_factory
+        from gateway.reconcile import load_postings, reconcile_databases
+        from shared.db import make_engine
 
-        gateway_engine = make_engine(self.settings.db_url("gateway"))
+        report = reconcile_databases(
+            self.settings.db_url("gateway"),
+            self.settings.db_url("billing"),
+            self.settings.db_url("acquirer"),
+        )
         billing_engine = make_engine(self.settings.db_url("billing"))
         try:
             postings = load_postings(billing_engine)
-            report = reconcile(load_gateway_facts(session_factory(gateway_engine)), postings)
         finally:
-            gateway_engine.dispose()
             billing_engine.dispose()
         twice = postings_posted_twice((p.bill_number, p.status) for p in postings)
         kinds = sorted({m.kind for m in report.mismatches})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +10,7 @@ import trio
 
 from shared.log import configure_logging
 from shared.network import Network
+from tests.proclab import Lab
 from tests.support import start_network
 
 
@@ -24,3 +25,13 @@ async def network(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Networ
     net = await start_network(nursery, tmp_path)
     yield net
     await net.stop()
+
+
+@pytest.fixture
+def labs() -> Iterator[list[Lab]]:
+    """The labs a test makes (see tests.proclab.new_lab): at the end, every process still
+    running is killed and every in-process service stopped, whatever the outcome."""
+    labs: list[Lab] = []
+    yield labs
+    for lab in labs:
+        lab.close()

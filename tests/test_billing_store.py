@@ -145,7 +145,7 @@ def test_upgrade_twice_is_harmless(engine: Engine, store: BillingStore) -> None:
     upgrade(engine.url.render_as_string(hide_password=False), MIGRATIONS)
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-        assert context.get_current_revision() == "0001"
+        assert context.get_current_revision() == "0002"
     assert store.postings_count() == 1
     assert store.seed_demo_data(pan_hash, fake_pvv) is False
 
@@ -161,7 +161,7 @@ def test_foreign_keys_are_enforced_after_upgrade(engine: Engine) -> None:
 
 def test_migration_creates_exactly_the_model_tables(engine: Engine) -> None:
     tables = set(inspect(engine).get_table_names())
-    assert tables == {"customers", "cards", "bills", "postings", "processed_requests"} | {
+    assert tables == {"customers", "cards", "bills", "postings", "processed_requests", "ledger"} | {
         VERSION_TABLE
     }
     with engine.connect() as conn:
@@ -476,6 +476,31 @@ def test_reversal_undoes_the_posting_and_reopens_the_bill(
     assert store.pay(original).replayed
     assert store.pay(payment("acq|term0001|000003|1122060200")).code == "00"
     assert store.postings_count("PLN-0001") == 2
+
+
+def test_repeat_of_a_reversed_payment_is_12_without_approval_code(store: BillingStore) -> None:
+    """Once its posting is reversed, a payment's approval is never replayed: every repeat
+    (online or advice form, batched or read first) answers 12, without field 38's posting id,
+    and posts nothing."""
+    original = payment()
+    key, digest = original.idempotency_key, original.request_digest
+    assert store.pay(original).code == "00"
+    assert store.reverse(reversal("acq|term0001|000002|1122060100", original)).code == "00"
+    for repeat in (original, replace(original, mti="0220"), replace(original, mti="0221")):
+        result = store.pay(repeat)
+        assert (result.code, result.replayed, result.posting_id) == ("12", True, None)
+        assert result.fields.get("reversed") is True
+    seen = store.replay(key, digest)
+    assert seen is not None and seen.code == "12" and "posting_id" not in seen.fields
+    [(read, card)] = store.replay_and_cards([(key, digest, pan_hash(PAN))])
+    assert read is not None and read.code == "12" and card is None
+    assert store.record_decline(key, digest, "0200", "55", {}).code == "12"
+    # Two repeats in one batch: the same 12 for both, still one posting, reversed.
+    batch = store.pay_many([original, original])
+    assert [(r.code, r.replayed) for r in batch] == [("12", True), ("12", True)]
+    assert [p.status for p in store.list_postings()] == ["reversed"]
+    # Other content under the same key is still a duplicate transmission.
+    assert store.pay(replace(original, request_digest=digest_of("other"))).code == "94"
 
 
 def test_reversal_twice_is_idempotent(engine: Engine, store: BillingStore) -> None:

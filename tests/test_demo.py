@@ -157,7 +157,9 @@ async def test_demo_tells_the_outage_and_recovery_with_nothing_lost(tmp_path: Pa
     assert (data / "billing.db").exists() and (data / "demo-services.log").exists()
     code, rec, err = await paylab("reconcile", "--data-dir", str(data))
     assert code == 0, rec + err
-    assert "0 pending, 0 mismatches" in rec
+    assert "; 0 pending" in rec
+    assert "lost 0, duplicated 0, orphans 0, 0 mismatches" in rec
+    assert f"posted {accepted}," in rec
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,9 @@ ALERTS = {
     "PaylabDatabaseSlow",
     "PaylabSafBacklog",
     "PaylabBreakerOpen",
+    "PaylabLedgerLost",
+    "PaylabApprovalsWithheld",
+    "PaylabPostingOrphaned",
 }
 DASHBOARD_UIDS = {"paylab-overview", "paylab-gateway", "paylab-business", "paylab-services"}
 

@@ -137,23 +137,31 @@ async def test_reversal_undoes_the_posting(network: Network) -> None:
 
 
 async def test_online_payments_and_reversal_reconcile_clean(network: Network) -> None:
-    from gateway.reconcile import load_gateway_facts, load_postings, reconcile
+    from gateway.reconcile import load_client_facts, load_gateway_facts, load_postings, reconcile
 
     paid = await pay(network, "PLN-1003", 212750)
     assert paid["response_code"] == "00"
     assert (await pay(network, "PLN-1004", 64300))["response_code"] == "00"
     r = await post(network, f"/payments/{paid['id']}/reversal", {})
     assert r.json()["response_code"] == "00"
-    gateway = network.services["gateway"]
-    assert isinstance(gateway, GatewayService) and gateway.journal_writer is not None
-    await gateway.journal_writer.flush()
-    gateway_sessions, billing_engine = gateway.sessions, billing(network).engine
+    # Every answer was journaled before it left: nothing to wait for.
+    gateway_sessions = network.services["gateway"].sessions
+    billing_engine = billing(network).engine
+    acquirer_engine = network.services["acquirer"].engine
     assert gateway_sessions is not None and billing_engine is not None
+    assert acquirer_engine is not None
     report = await trio.to_thread.run_sync(
-        lambda: reconcile(load_gateway_facts(gateway_sessions), load_postings(billing_engine))
+        lambda: reconcile(
+            load_gateway_facts(gateway_sessions),
+            load_postings(billing_engine),
+            load_client_facts(acquirer_engine),
+        )
     )
     assert report.clean, report.mismatches
-    assert report.checked == 2 and report.pending == 0
+    assert (report.checked, report.pending, report.client_side) == (2, 0, True)
+    # One payment in force, one reversed by its client: approved counts the one in force.
+    assert (report.approved, report.posted, report.reversed) == (1, 1, 1)
+    assert report.journal_gaps == []
 
 
 async def test_reversal_of_unknown_transaction_is_404(network: Network) -> None:

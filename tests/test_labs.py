@@ -374,4 +374,4 @@ def test_local_prometheus_config_is_valid_and_scrapes_the_default_ports() -> Non
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 7 rules found" in done.stdout + done.stderr
+    assert "SUCCESS: 10 rules found" in done.stdout + done.stderr

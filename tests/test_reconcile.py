@@ -15,6 +15,7 @@ from gateway.reconcile import (
     APPROVED_ONLINE,
     APPROVED_STANDIN,
     REVERSAL,
+    ClientFact,
     GatewayFact,
     Mismatch,
     PostingFact,
@@ -42,12 +43,29 @@ def standin(state: str | None, code: str | None = None, amount: int = AMOUNT) ->
     return GatewayFact(K, APPROVED_STANDIN, state, code, "633300000100", amount)
 
 
-def reversal(state: str | None, code: str | None = None) -> GatewayFact:
-    return GatewayFact(K, REVERSAL, state, code, "633300090100", AMOUNT)
+def reversal(state: str | None, code: str | None = None, origin: str = "gateway") -> GatewayFact:
+    """A reversal of K: ``gateway`` decided it (after a 68), or an ``acquirer`` asked."""
+    return GatewayFact(K, REVERSAL, state, code, "633300090100", AMOUNT, origin)
 
 
-def posted(amount: int = AMOUNT, key: str = K) -> PostingFact:
-    return PostingFact(key, "posted", amount, "PLN-0001")
+def asked(state: str | None, code: str | None = None) -> GatewayFact:
+    """The client's own reversal of K, as the gateway saw it."""
+    return reversal(state, code, origin="acquirer")
+
+
+def client(key: str = K, *codes: str) -> ClientFact:
+    """What the client was answered for payment ``key`` (00 by default)."""
+    codes = codes or ("00",)
+    return ClientFact(key, "payment", "00" in codes, tuple(codes), None, "633300000100", AMOUNT)
+
+
+def client_reversal(code: str = "00", original: str = K) -> ClientFact:
+    return ClientFact(f"R|{original}", "reversal", code == "00", (code,), original)
+
+
+def posted(amount: int = AMOUNT, key: str = K, bill: str | None = None) -> PostingFact:
+    """A posting in force: of bill PLN-0001 for K, of a bill of its own for another key."""
+    return PostingFact(key, "posted", amount, bill or ("PLN-0001" if key == K else f"B-{key}"))
 
 
 def reversed_(key: str = K) -> PostingFact:
@@ -72,11 +90,11 @@ def test_online_approval_with_its_posting_is_clean() -> None:
 
 
 def test_online_approval_without_posting() -> None:
-    assert kinds(check([online()], [])) == ["missing_posting"]
+    assert kinds(check([online()], [])) == ["lost"]
 
 
 def test_online_approval_with_reversed_posting_and_no_reversal() -> None:
-    assert kinds(check([online()], [reversed_()])) == ["posting_reversed"]
+    assert kinds(check([online()], [reversed_()])) == ["lost"]
 
 
 def test_online_approval_with_another_amount() -> None:
@@ -109,7 +127,7 @@ def test_standin_delivered_and_posted_is_clean() -> None:
 
 
 def test_standin_delivered_but_no_posting() -> None:
-    assert kinds(check([standin("done", "00")], [])) == ["missing_posting"]
+    assert kinds(check([standin("done", "00")], [])) == ["lost"]
 
 
 def test_standin_delivered_with_another_amount() -> None:
@@ -132,7 +150,7 @@ def test_standin_not_delivered(state: str) -> None:
 
 def test_standin_whose_entry_was_purged_is_judged_like_an_online_approval() -> None:
     assert check([standin(None)], [posted()]).clean
-    assert kinds(check([standin(None)], [])) == ["missing_posting"]
+    assert kinds(check([standin(None)], [])) == ["lost"]
 
 
 def test_standin_wins_over_an_online_fact_of_the_same_key() -> None:
@@ -145,33 +163,56 @@ def test_standin_wins_over_an_online_fact_of_the_same_key() -> None:
 
 @pytest.mark.parametrize("code", ["00", "25"])
 def test_reversal_done_and_posting_reversed_or_absent_is_clean(code: str) -> None:
-    assert check([online(), reversal("done", code)], [reversed_()]).clean
+    assert check([online(), asked("done", code)], [reversed_()]).clean
     assert check([reversal("done", code)], []).clean
     assert check([reversal("done", code)], [reversed_()]).clean
 
 
 def test_online_answered_reversal_counts_as_done() -> None:
-    assert check([online(), reversal(None)], [reversed_()]).clean
-    assert kinds(check([online(), reversal(None)], [posted()])) == ["reversal_not_applied"]
+    assert check([online(), asked(None)], [reversed_()]).clean
+    assert kinds(check([online(), asked(None)], [posted()])) == ["reversal_not_applied"]
 
 
 def test_reversal_done_but_posting_still_posted() -> None:
-    report = check([online(), reversal("done", "13")], [posted()])
+    report = check([online(), asked("done", "13")], [posted()])
     assert kinds(report) == ["reversal_not_applied"]
     assert "13" in report.mismatches[0].detail
+    # The gateway's own reversal after a 68, refused by billing (13), of a payment that was
+    # not approved to the client: the posting stands without an approval.
+    assert kinds(check([reversal("done", "13")], [posted()])) == ["reversal_not_applied"]
 
 
 @pytest.mark.parametrize("state", ["queued", "in_flight"])
 def test_reversal_on_its_way_is_pending(state: str) -> None:
-    for postings in ([posted()], []):
-        report = check([online(), reversal(state)], postings)
+    for facts in ([online(), asked(state)], [reversal(state)]):
+        report = check(facts, [posted()])
         assert (report.pending, report.clean) == (1, True)
+        # Already undone (or never posted): nothing is left to explain.
+        report = check(facts, [])
+        assert (report.pending, report.clean) == (0, True)
 
 
 @pytest.mark.parametrize("state", ["dead", "cancelled"])
 def test_reversal_not_delivered(state: str) -> None:
     assert kinds(check([reversal(state)], [posted()])) == ["reversal_not_delivered"]
-    assert kinds(check([reversal(state)], [])) == ["reversal_not_delivered"]
+    assert kinds(check([online(), asked(state)], [posted()])) == ["reversal_not_delivered"]
+    assert check([reversal(state)], []).clean  # nothing to undo
+
+
+def test_approved_payment_undone_by_the_gateways_own_reversal_is_lost() -> None:
+    """The restart case: a client got 00 for a re-send, the gateway's reversal (decided
+    after the first send's 68) undid the posting. The customer holds an approval."""
+    report = check([online(), reversal("done", "00")], [reversed_()])
+    assert kinds(report) == ["lost"] and report.lost == 1
+    assert "gateway's own reversal" in report.mismatches[0].detail
+    with_client = reconcile([reversal("done", "00")], [reversed_()], [client(K, "68", "00")])
+    assert kinds(with_client) == ["lost"]
+
+
+def test_approved_payment_with_a_gateway_reversal_still_queued_is_lost() -> None:
+    report = check([online(), reversal("queued")], [posted()])
+    assert kinds(report) == ["lost"]
+    assert "paylab saf cancel" in report.mismatches[0].detail
 
 
 def test_undelivered_reversal_of_an_already_reversed_posting_is_clean() -> None:
@@ -185,8 +226,8 @@ def test_a_done_reversal_outweighs_a_dead_one() -> None:
 def test_reversal_decides_over_a_standin() -> None:
     # The acquirer reversed a stand-in payment: the advice, replaying billing's tombstone,
     # was declined; no refund is due because nothing was kept.
-    assert check([standin("done", "12"), reversal("done", "25")], []).clean
-    assert check([standin("queued"), reversal("done", "25")], []).clean
+    assert check([standin("done", "12"), asked("done", "25")], []).clean
+    assert check([standin("queued"), asked("done", "25")], []).clean
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +236,7 @@ def test_reversal_decides_over_a_standin() -> None:
 
 def test_posted_without_approval() -> None:
     report = check([], [posted()])
-    assert kinds(report) == ["posted_without_approval"]
+    assert kinds(report) == ["orphan"] and report.orphans == 1
     assert "PLN-0001" in report.mismatches[0].detail
 
 
@@ -214,8 +255,8 @@ def test_report_counts_and_order() -> None:
     report = reconcile(iter(facts), iter(postings))
     assert (report.checked, report.pending) == (5, 2)
     assert report.mismatches == [
-        Mismatch("d", "posted_without_approval", report.mismatches[0].detail),
-        Mismatch("e", "missing_posting", report.mismatches[1].detail),
+        Mismatch("d", "orphan", report.mismatches[0].detail),
+        Mismatch("e", "lost", report.mismatches[1].detail),
     ]
     assert not report.clean
     data = json.loads(json.dumps(report.as_dict()))
@@ -233,6 +274,64 @@ def test_facts_validate_their_values() -> None:
         GatewayFact(K, APPROVED_STANDIN, "lost")
     with pytest.raises(ValueError):
         PostingFact(K, "pending", 1, "PLN-0001")
+
+
+# --------------------------------------------------------------------------------------------
+# The client's side: what the acquirer answered
+
+
+def test_client_answered_00_and_posted_is_clean() -> None:
+    report = reconcile([online()], [posted()], [client()])
+    assert report.clean and report.client_side
+    assert (report.approved, report.posted, report.journal_gaps) == (1, 1, [])
+
+
+def test_client_answer_decides_over_the_gateways() -> None:
+    # The gateway approved, but the acquirer timed out first and told the client 68: the
+    # posting in force is an orphan from the client's side.
+    assert kinds(reconcile([online()], [posted()], [client(K, "68")])) == ["orphan"]
+    # A 68 and then, for the re-send, a 00: the client holds an approval.
+    assert reconcile([online()], [posted()], [client(K, "68", "00")]).clean
+
+
+def test_withheld_approval_reversed_online_is_no_false_alarm() -> None:
+    """Disk full on the gateway: billing posted, the journal could not be written, the
+    gateway told the client 96 and reversed the posting online. Nothing is wrong."""
+    assert reconcile([], [reversed_()], [client(K, "96")]).clean
+    # The reversal failed too: the posting stands without an approval, and it is said.
+    assert kinds(reconcile([], [posted()], [client(K, "96")])) == ["orphan"]
+
+
+def test_client_00_without_a_gateway_record_is_a_journal_gap_not_a_mismatch() -> None:
+    report = reconcile([], [posted()], [client()])
+    assert report.clean and report.journal_gaps == [K]
+    assert report.as_dict()["journal_gaps"] == 1
+
+
+def test_client_reversal_answered_00_must_be_applied() -> None:
+    assert reconcile([online()], [reversed_()], [client(), client_reversal()]).clean
+    report = reconcile([online()], [posted()], [client(), client_reversal()])
+    assert kinds(report) == ["reversal_not_delivered"]
+    # A reversal the client was refused leaves the payment in force, as it should be.
+    assert reconcile([online()], [posted()], [client(), client_reversal("96")]).clean
+
+
+def test_bill_posted_twice_is_duplicated() -> None:
+    other = "12345|TERM0001|000002|1129100000"
+    report = reconcile(
+        [online(), online(key=other)],
+        [posted(), posted(key=other, bill="PLN-0001")],
+        [client(), client(other)],
+    )
+    assert kinds(report) == ["duplicated"] and report.duplicated == 1
+    assert "PLN-0001" in report.mismatches[0].detail
+
+
+def test_client_facts_validate_their_values() -> None:
+    with pytest.raises(ValueError):
+        ClientFact(K, "refund", True)
+    with pytest.raises(ValueError):
+        ClientFact(K, "reversal", True)  # no original
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +480,7 @@ def test_loaders_on_real_databases(tmp_path: Path) -> None:
         assert report.pending == 1  # 000002's reversal
         assert {(m.key, m.kind) for m in report.mismatches} == {
             (idempotency_key(lost), "standin_not_delivered"),
-            (key("000006"), "posted_without_approval"),
+            (key("000006"), "orphan"),
         }
     finally:
         gw_engine.dispose()
