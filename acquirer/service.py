@@ -9,19 +9,27 @@
   so reconciliation knows what each terminal was told.
 
 HTTP statuses: 200 for every answered transaction (a decline is an answer), 404 for an
-unknown id, 422 for a bad body, 503 (code 91) when the gateway cannot be reached, 504
-(code 68) when it did not answer in time: the outcome of such a payment is unknown and
-it is recorded as ``unknown`` (the gateway journals its side too).
+unknown id, 422 for a bad body (naming the field), 503 (code 91) when the gateway cannot be
+reached, 504 (code 68) when it did not answer in time: the outcome of such a payment is
+unknown and it is recorded as ``unknown`` (the gateway journals its side too).
+
+Storage failures (a full disk, a database away) never give a 500: a request that cannot be
+recorded is not sent and is answered 503 with ``Retry-After``; an answer that came but could
+not be recorded is returned as it came, marked ``"recorded": false``. On the terminal
+listener an answer that cannot be recorded is relayed all the same (counted, logged); any
+other storage failure while answering is a 91 (:class:`~shared.service.IsoService`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from functools import wraps
 from typing import Any
 
 from prometheus_client import Counter
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -48,12 +56,40 @@ from shared.iso.messages import (
     match_key,
 )
 from shared.ops.settings import Settings
+from shared.pan import mask_pan
 from shared.server.auth import public
 from shared.server.http import json_error
 from shared.server.record import key_of
-from shared.server.service import IsoDialect, IsoFrame, IsoService, decode_iso_keyed
+from shared.server.service import (
+    IsoDialect,
+    IsoFrame,
+    IsoService,
+    database_reason,
+    decode_iso_keyed,
+)
 from shared.store.db import DatabaseError
 from shared.store.group_commit import GroupCommit
+
+#: Seconds a client is asked to wait (``Retry-After``) when the acquirer cannot record.
+STORAGE_RETRY_AFTER = 5
+
+#: What a storage failure looks like from here: the stores' own error, or SQLAlchemy's.
+STORAGE_FAILURES = (DatabaseError, SQLAlchemyError)
+
+Handler = Callable[[Any, Request], Awaitable[Response]]
+
+
+def storage_guarded(handler: Handler) -> Handler:
+    """An HTTP handler whose storage failures are answered 503 with ``Retry-After``."""
+
+    @wraps(handler)
+    async def guarded(self: Any, request: Request) -> Response:
+        try:
+            return await handler(self, request)
+        except STORAGE_FAILURES as exc:
+            return self.storage_unavailable(exc, request.url.path)
+
+    return guarded
 
 
 class AcquirerService(IsoService):
@@ -147,21 +183,37 @@ class AcquirerService(IsoService):
             public(Route("/transactions/{tx_id}", self._get_transaction, methods=["GET"])),
         ]
 
+    def storage_unavailable(self, exc: BaseException, path: str) -> Response:
+        """503 with ``Retry-After``: the database cannot record (nothing was sent)."""
+        self.log.error("storage_unavailable", path=path, error=database_reason(exc))
+        return JSONResponse(
+            {
+                "error": "storage unavailable: the request could not be recorded and was "
+                "not sent; try again later",
+                "retry_after": STORAGE_RETRY_AFTER,
+            },
+            status_code=503,
+            headers={"Retry-After": str(STORAGE_RETRY_AFTER)},
+        )
+
+    @storage_guarded
     async def _post_inquiry(self, request: Request) -> Response:
         try:
             body = await parse_body(request, InquiryBody)
         except BodyError as exc:
-            return json_error(422, str(exc), details=exc.details)
+            return json_error(422, str(exc), fields=exc.fields, details=exc.details)
         return await self._transact("inquiry", self.builder.inquiry(body.bill))
 
+    @storage_guarded
     async def _post_payment(self, request: Request) -> Response:
         try:
             body = await parse_body(request, PaymentBody)
         except BodyError as exc:
-            return json_error(422, str(exc), details=exc.details)
+            return json_error(422, str(exc), fields=exc.fields, details=exc.details)
         msg = self.builder.payment(body.bill, body.amount, body.pan, body.pin)
         return await self._transact("payment", msg)
 
+    @storage_guarded
     async def _post_reversal(self, request: Request) -> Response:
         store = self.store
         assert store is not None
@@ -171,6 +223,7 @@ class AcquirerService(IsoService):
             return json_error(404, f"no payment with id {tx_id}")
         return await self._transact("reversal", self.builder.reversal(original), tx_id)
 
+    @storage_guarded
     async def _get_transaction(self, request: Request) -> Response:
         store = self.store
         assert store is not None
@@ -214,7 +267,13 @@ class AcquirerService(IsoService):
                 self.log.warning("response_mac_invalid", rrn=msg["37"])
         self.metrics.requests.labels(msg["t"], code).inc()
         self.record.api("out", "http", call, key, code, time.monotonic(), time.time(), note=tx_id)
-        record = await self.in_db_thread(store.complete, tx_id, status, code, details)
+        try:
+            record = await self.in_db_thread(store.complete, tx_id, status, code, details)
+        except STORAGE_FAILURES as exc:
+            # The answer is known: say it, rather than invite a retry of a payment that
+            # may be posted. The record stays "pending" until the database is back.
+            self.log.error("transaction_not_recorded", rrn=msg["37"], error=database_reason(exc))
+            record = _unrecorded(tx_id, kind, msg, status, code, details, original_id)
         if code == RC.ACTIVITY_LIMIT:
             # The gateway's rate limit: HTTP says so, and when to come back.
             return JSONResponse(record, status_code=429, headers={"Retry-After": "1"})
@@ -231,6 +290,38 @@ _API_CALLS = {
 #: HTTP status when no answer came: 503 if the gateway could not be reached, 504 if the
 #: request went out and the answer did not come back (the outcome is unknown).
 _NO_ANSWER_STATUS = {RC.ISSUER_INOPERATIVE: 503, RC.LATE_RESPONSE: 504}
+
+
+def _unrecorded(
+    tx_id: str,
+    kind: str,
+    msg: Message,
+    status: str,
+    code: str,
+    details: dict[str, Any],
+    original_id: str | None,
+) -> dict[str, Any]:
+    """The record the API would show, built in memory, for an answer the database did not
+    take (``"recorded": false``)."""
+    pan = msg.get("2")
+    return {
+        "id": tx_id,
+        "kind": kind,
+        "status": status,
+        "approved": status == "approved",
+        "response_code": code,
+        "rrn": msg["37"],
+        "stan": msg["11"],
+        "bill": msg["48"],
+        "amount": int(msg["4"]),
+        "currency": msg["49"],
+        "pan": mask_pan(pan) if pan else None,
+        "original_id": original_id,
+        "created_at": None,
+        "completed_at": None,
+        **details,
+        "recorded": False,
+    }
 
 
 def _answer_details(resp: Message) -> dict[str, Any]:

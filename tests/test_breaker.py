@@ -110,6 +110,7 @@ def test_config_defaults() -> None:
     assert cfg.slow_call_threshold is None
     assert cfg.open_wait == 30.0
     assert cfg.half_open_calls == 1
+    assert (cfg.probe_delay, cfg.probe_max_delay) == (0.5, 16.0)
 
 
 @pytest.mark.parametrize(
@@ -127,6 +128,9 @@ def test_config_defaults() -> None:
         ({"slow_call_threshold": math.nan}, "slow_call_threshold"),
         ({"open_wait": -1.0}, "open_wait"),
         ({"open_wait": math.inf}, "open_wait"),
+        ({"probe_delay": 0.0}, "probe_delay"),
+        ({"probe_delay": 2.0, "probe_max_delay": 1.0}, "probe_delay"),
+        ({"probe_max_delay": math.inf}, "probe_delay"),
         ({"open_wait": math.nan}, "open_wait"),
         ({"half_open_calls": 0}, "half_open_calls"),
     ],
@@ -637,14 +641,90 @@ def test_record_event_after_wait_elapsed_is_a_trial() -> None:
     assert [t.to_state for t in h.transitions] == [S.OPEN, S.HALF_OPEN, S.CLOSED]
 
 
-@pytest.mark.parametrize("target", [S.OPEN, S.FORCED_OPEN])
 @pytest.mark.parametrize("success", [True, False])
-def test_record_event_ignored_when_open(target: BreakerState, success: bool) -> None:
+def test_record_event_ignored_when_forced_open(success: bool) -> None:
     h = Harness()
-    h.to_state(target)
+    h.to_state(S.FORCED_OPEN)
     before = h.breaker.snapshot()
     h.breaker.record_event(success=success)
     assert h.breaker.snapshot() == before
+    assert h.breaker.probe_wait() is None  # an operator decided: no probing
+
+
+# ---------------------------------------------------------------------------------------------
+# Probing while OPEN
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_successful_probe_moves_open_to_half_open_at_once() -> None:
+    h = Harness(open_wait=30.0, probe_delay=0.5)
+    h.open()
+    assert h.breaker.probe_wait() == 0.5  # the first probe may go after probe_delay
+    h.clock.advance(0.5)
+    assert h.breaker.probe_wait() == 0.0
+    h.breaker.record_event(success=True)  # a connect + sign-on, or an echo, answered
+    assert h.breaker.state is S.HALF_OPEN
+    assert h.transitions[-1].reason == "probe succeeded"
+    assert h.breaker.probe_wait() is None
+    h.calls(True)  # the trial call
+    assert h.breaker.state is S.CLOSED
+    assert h.clock.now - h.transitions[0].at == 0.5  # not the 30 s of open_wait
+
+
+def test_failed_probes_double_the_wait_up_to_the_cap() -> None:
+    h = Harness(open_wait=1000.0, probe_delay=0.5, probe_max_delay=4.0)
+    h.open()
+    waits = []
+    for _ in range(6):
+        wait = h.breaker.probe_wait()
+        assert wait is not None
+        waits.append(wait)
+        h.clock.advance(wait)
+        h.breaker.record_event(success=False)  # connection refused, sign-on unanswered
+    assert waits == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert h.breaker.state is S.OPEN
+    snap = h.breaker.snapshot()
+    assert snap.probes_failed == 6 and snap.probe_in == 4.0
+    assert [t.to_state for t in h.transitions] == [S.OPEN]  # failed probes change no state
+
+
+def test_open_wait_still_ends_an_open_period_without_a_successful_probe() -> None:
+    h = Harness(open_wait=3.0, probe_delay=0.5)
+    h.open()
+    h.clock.advance(3.0)
+    assert h.breaker.state is S.HALF_OPEN
+    assert h.transitions[-1].reason == "wait elapsed"
+
+
+def test_reopening_before_a_call_succeeds_waits_longer_for_its_first_probe() -> None:
+    h = Harness(open_wait=1000.0, probe_delay=0.5, probe_max_delay=16.0)
+    h.open()
+    assert h.breaker.probe_wait() == 0.5
+    h.breaker.record_event(success=True)  # half-open
+    h.calls(False)  # the trial fails: open again
+    assert h.breaker.state is S.OPEN
+    assert h.breaker.probe_wait() == 1.0
+    h.breaker.record_event(success=True)
+    h.calls(True)  # closed by the trial: not yet a call that went through while closed
+    assert h.breaker.state is S.CLOSED
+    h.open()
+    assert h.breaker.probe_wait() == 2.0
+    h.breaker.record_event(success=True)
+    h.calls(True, True)  # the trial, then a call while closed: the streak is over
+    h.open()
+    assert h.breaker.probe_wait() == 0.5
+
+
+def test_reset_forgets_the_probe_streak() -> None:
+    h = Harness(open_wait=1000.0, probe_delay=0.5)
+    h.open()
+    h.breaker.record_event(success=True)
+    h.calls(False)
+    assert h.breaker.probe_wait() == 1.0
+    h.breaker.reset()
+    assert h.breaker.probe_wait() is None
+    h.open()
+    assert h.breaker.probe_wait() == 0.5
 
 
 def test_record_event_in_disabled_counts_but_never_opens() -> None:
@@ -891,7 +971,10 @@ def test_snapshot_when_open_and_json() -> None:
         "total_calls",
         "total_failures",
         "slow_calls",
+        "probe_in",
+        "probes_failed",
     }
+    assert data["probe_in"] == 0.0 and data["probes_failed"] == 0  # the first probe is due
 
 
 def test_snapshot_forced_open_is_json_ready() -> None:

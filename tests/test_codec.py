@@ -139,6 +139,17 @@ def _with_byte(raw: bytes, index: int, value: int) -> bytes:
     return raw[:index] + bytes([value]) + raw[index + 1 :]
 
 
+#: The frame of issue 16: bit 65 in the secondary bitmap, a tertiary bitmap naming field 132.
+TERTIARY_FRAME = (
+    b"0800"
+    + b"8220000000000000"
+    + b"8000000000000000"
+    + b"1000000000000000"
+    + b"0314092653"
+    + b"000123"
+    + b"301"
+)
+
 BAD_PAYLOADS = {
     "empty": b"",
     "short MTI": b"02",
@@ -153,6 +164,13 @@ BAD_PAYLOADS = {
     "extra trailing bytes": PAYMENT_RAW + b"0",
     "non-ASCII data": PAYMENT_RAW.replace(b"BILL-0001", b"BILL-\xe9001"),
     "non-ASCII PAN": _with_byte(PAYMENT_RAW, 24, 0xB2),
+    # A secondary bitmap with bit 65 set: pyiso8583 reads a tertiary bitmap naming field 132.
+    "tertiary bitmap (bit 65)": TERTIARY_FRAME,
+    "empty tertiary bitmap (bit 65)": b"0800"
+    + b"8220000000000000"
+    + b"8000000000000000"
+    + b"0000000000000000"
+    + b"0314092653000123301",
     "oversize bill number": b"0200"
     + b"0000000000010000"  # field 48 only
     + b"033"
@@ -311,3 +329,38 @@ def test_single_byte_mutation_decodes_or_raises_decode_error(index: int, value: 
     assert isinstance(msg, dict)
     assert "p" not in msg
     assert "1" not in msg
+
+
+def test_tertiary_bitmap_frame_is_a_decode_error_naming_bit_65() -> None:
+    with pytest.raises(DecodeError, match="bit 65"):
+        codec.decode(TERTIARY_FRAME)
+
+
+#: Hex digits, mostly zero: bitmaps that name few fields, so decoding gets far.
+_SPARSE = st.lists(st.sampled_from(b"0" * 24 + b"1248"), min_size=15, max_size=15).map(bytes)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    mti=st.binary(min_size=4, max_size=4) | st.sampled_from([b"0200", b"0420", b"0800"]),
+    primary=_SPARSE,
+    secondary_lead=st.sampled_from(b"0123456789ABCDEFabcdef"),
+    secondary=_SPARSE,
+    tertiary=st.just(b"")
+    | st.builds(lambda a, b: bytes([a]) + b, st.sampled_from(b"0123489A"), _SPARSE),
+    body=st.binary(max_size=160) | st.text("0123456789", max_size=60).map(str.encode),
+)
+def test_decode_raw_bytes_with_bitmaps_raises_only_decode_error(
+    mti: bytes, primary: bytes, secondary_lead: int, secondary: bytes, tertiary: bytes, body: bytes
+) -> None:
+    """Raw bytes shaped like a message with a secondary bitmap (bit 65 set half the time,
+    sometimes a third bitmap after it) and any body: a message or a DecodeError, never
+    another exception."""
+    raw = mti + b"8" + primary + bytes([secondary_lead]) + secondary + tertiary + body
+    try:
+        msg = codec.decode(raw)
+    except DecodeError:
+        return
+    assert msg["t"].isdigit()
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in msg.items())
+    assert "65" not in msg

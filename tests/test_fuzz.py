@@ -227,3 +227,21 @@ def test_long_fuzz_runner_runs_briefly() -> None:
     counts = fuzz_long.run(examples=30, seed=1)
     assert set(counts) == set(TARGETS)
     assert time.monotonic() - started < 20
+
+
+def test_long_fuzz_runner_over_the_listeners_runs_briefly() -> None:
+    """``python -m tests.fuzz_long --listeners N`` works (a short run over real sockets;
+    the 100 000-frame one is run by hand): no handler failed, every connection still
+    answers an echo."""
+    from tests import fuzz_long
+
+    figures = fuzz_long.run_listeners(frames=800, seed=5)
+    assert set(figures) == set(fuzz_long.LISTENERS)
+    for name, f in figures.items():
+        assert f.sent == 200, name
+        assert f.handler_failed == 0 and f.tracebacks_logged == 0, name
+        assert f.echoes_answered == fuzz_long.CONNECTIONS, name
+    iso = [f for name, f in figures.items() if name != "hsm"]
+    assert all(f.counters["rejected_undecodable"] > 0 for f in iso)
+    # Logged once per connection (and interval), however many frames were undecodable.
+    assert all(0 < f.undecodable_logged <= fuzz_long.CONNECTIONS for f in iso)

@@ -255,6 +255,14 @@ def test_lab6_chaos() -> None:
         "breakers": [{"name": "billing", "state": "open"}, {"name": "hsm", "state": "closed"}]
     }
     assert "billing open" in only_failure(check(6, snapshot(breakers=opened))).hint
+    acquirer_open = {
+        "breakers": [
+            *BREAKERS["breakers"],
+            {"service": "acquirer", "name": "gateway", "state": "open"},
+        ]
+    }
+    hint = only_failure(check(6, snapshot(breakers=acquirer_open))).hint
+    assert "acquirer/gateway open" in hint
     queued = {"counts": {"queued": 1, "in_flight": 0, "dead": 0}}
     assert "1 entries" in only_failure(check(6, snapshot(saf=queued))).hint
     no_chaos = Snapshot.build(

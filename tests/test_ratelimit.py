@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from shared.resilience.ratelimit import (
     ConnectionLimiter,
     KeyedRateLimiter,
+    LogThrottle,
     TokenBucket,
     WindowCounter,
 )
@@ -500,3 +501,37 @@ def test_connections_model(per_source: int, total: int, ops: list[tuple[bool, st
         assert limiter.count() == sum(held.values())
         assert all(limiter.count(s) == held.get(s, 0) for s in "abc")
         assert limiter.sources() == sum(1 for v in held.values() if v)
+
+
+# ---------------------------------------------------------------------------------------------
+# LogThrottle
+# ---------------------------------------------------------------------------------------------
+
+
+def test_log_throttle_admits_one_line_per_key_per_interval_and_counts_the_rest() -> None:
+    clock = FakeClock()
+    throttle = LogThrottle(10.0, clock)
+    assert throttle.admit("a") == 0
+    assert throttle.admit("b") == 0  # each key (connection) on its own
+    assert [throttle.admit("a") for _ in range(5)] == [None] * 5
+    clock.advance(9.9)
+    assert throttle.admit("a") is None
+    clock.advance(0.1)
+    assert throttle.admit("a") == 6  # the next line says how many were held back
+    assert throttle.admit("a") is None
+    assert throttle.admit("b") == 0  # its interval is over too, nothing was held back
+
+
+def test_log_throttle_off_and_bounded() -> None:
+    clock = FakeClock()
+    every = LogThrottle(0, clock)
+    assert [every.admit("a") for _ in range(3)] == [0, 0, 0]
+    bounded = LogThrottle(10.0, clock, max_keys=2)
+    for key in ("a", "b", "c"):
+        assert bounded.admit(key) == 0
+    assert len(bounded) == 2
+    assert bounded.admit("a") == 0  # dropped as the least recently used: logs again
+    with pytest.raises(ValueError):
+        LogThrottle(math.inf, clock)
+    with pytest.raises(ValueError):
+        LogThrottle(1.0, clock, max_keys=0)

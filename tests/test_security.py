@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typer.testing import CliRunner
 
 from shared.cli import app as cli
 from shared.lab.network import Network
-from shared.net.tcp import FramedServer
+from shared.net.tcp import FramedServer, read_deadline
 from shared.ops.log import configure_logging, get_logger
 from shared.ops.metrics import ServiceMetrics
 from shared.ops.settings import Settings
@@ -267,8 +269,8 @@ async def test_half_frames_are_closed_after_the_frame_timeout_and_payments_go_on
         await net.stop()
 
 
-async def test_idle_connections_are_closed_and_keepalives_keep_them(
-    nursery: trio.Nursery,
+async def test_idle_connections_are_closed_and_keepalives_do_not_keep_them(
+    nursery: trio.Nursery, log_buffer: io.StringIO
 ) -> None:
     metrics = ServiceMetrics("test")
 
@@ -287,20 +289,31 @@ async def test_idle_connections_are_closed_and_keepalives_keep_them(
     )
     port = await nursery.start(server.run)
     silent = await RawIsoClient.connect(port)
+    keepalive = await RawIsoClient.connect(port)
     talker = await RawIsoClient.connect(port)
     started = trio.current_time()
-    for _ in range(6):  # zero-length keep-alive frames every 0.2 s
+    idle = metrics.connections_timed_out.labels("idle")
+    # The client's pace: a keep-alive every 0.1 s from both, a message every 0.2 s from one.
+    for tick in range(12):
+        with contextlib.suppress(trio.BrokenResourceError):
+            await keepalive.send_raw(b"\x00\x00")
         await talker.send_raw(b"\x00\x00")
-        await trio.sleep(0.2)
+        if tick % 2 == 0:
+            await talker.send(b"hi")
+        await trio.sleep(0.1)
     assert await silent.is_closed_by_peer(timeout=2)
-    assert trio.current_time() - started >= 0.5
-    # the keep-alive sender is still served
+    assert await keepalive.is_closed_by_peer(timeout=2)
+    assert trio.current_time() - started >= 0.6
+    assert idle._value.get() == 2
+    # the sender of messages is still served
     await talker.send(b"hello")
     with trio.fail_after(2):
-        data = await talker.stream.receive_some(100)
-    assert data == b"\x00\x05hello"
-    assert metrics.connections_timed_out.labels("idle")._value.get() == 1
+        data = b""
+        while not data.endswith(b"\x00\x05hello"):
+            data += await talker.stream.receive_some(100)
     assert metrics.connections_timed_out.labels("frame")._value.get() == 0
+    timed_out = records(log_buffer, event="connection_timed_out", reason="idle")
+    assert sorted(r["keepalives"] for r in timed_out)[-1] >= 5  # the keep-alive sender
     # a frame split in two parts in time is fine; one left half-done is not
     await talker.send_raw(b"\x00\x03a")
     await trio.sleep(0.1)
@@ -311,3 +324,26 @@ async def test_idle_connections_are_closed_and_keepalives_keep_them(
     assert await talker.is_closed_by_peer(timeout=2)
     assert metrics.connections_timed_out.labels("frame")._value.get() == 1
     server.shutdown(0)
+
+
+@pytest.mark.parametrize(
+    ("last_message", "frame_started", "expected"),
+    [
+        (0.0, None, (10.0, "idle")),  # nothing in progress: idle from the last message
+        (0.0, 1.0, (4.0, "frame")),  # a frame in progress: its own timeout comes first
+        (0.0, 9.0, (12.0, "frame")),  # begun before the idle time was up: it may finish
+        (0.0, 10.5, (10.0, "idle")),  # begun after: no extension, the idle time is up
+    ],
+)
+def test_read_deadline(
+    last_message: float, frame_started: float | None, expected: tuple[float, str]
+) -> None:
+    assert (
+        read_deadline(last_message, frame_started, idle_timeout=10.0, frame_timeout=3.0) == expected
+    )
+
+
+def test_read_deadline_with_timeouts_off() -> None:
+    assert read_deadline(5.0, 6.0, idle_timeout=0, frame_timeout=0) == (math.inf, "idle")
+    assert read_deadline(5.0, 6.0, idle_timeout=0, frame_timeout=2.0) == (8.0, "frame")
+    assert read_deadline(5.0, 6.0, idle_timeout=3.0, frame_timeout=0) == (8.0, "idle")

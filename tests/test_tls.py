@@ -25,9 +25,12 @@ from shared.net.tcp import FramedServer
 from shared.net.tls import (
     TlsConfigError,
     TlsFiles,
+    allowed_clients,
     client_context,
     make_client_context,
     make_server_context,
+    peer_identity,
+    refusal,
 )
 from shared.ops.log import configure_logging, get_logger
 from shared.ops.metrics import ServiceMetrics
@@ -64,7 +67,8 @@ def test_service_cert_has_sans_and_both_ekus() -> None:
 
 def test_lab_pki_files_and_writer(tmp_path: Path) -> None:
     files = lab_pki(["lab.example"])
-    expected = {"ca.crt", "ca.key"} | {f"{s}.{ext}" for s in SERVICES for ext in ("crt", "key")}
+    names = (*SERVICES, "terminal")
+    expected = {"ca.crt", "ca.key"} | {f"{s}.{ext}" for s in names for ext in ("crt", "key")}
     assert set(files) == expected
     out = tmp_path / "tls"
     written = write_lab_pki(out, files)
@@ -242,3 +246,112 @@ async def test_silent_client_cannot_block_the_tls_listener(
     await client.aclose()
     await silent.aclose()
     server.shutdown(0.5)
+
+
+# -- per-peer authorisation ----------------------------------------------------------------------
+
+
+def test_client_certificate_names_its_identity_and_is_client_only() -> None:
+    files = lab_pki()
+    cert = x509.load_pem_x509_certificate(files["terminal.crt"])
+    common = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    assert [a.value for a in common] == ["terminal"]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    for service in SERVICES:
+        served = x509.load_pem_x509_certificate(files[f"{service}.crt"])
+        common = served.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        assert [a.value for a in common] == [service]
+
+
+def test_peer_identity_and_refusal() -> None:
+    cert = {"subject": ((("organizationName", "paylab lab"),), (("commonName", "gateway"),))}
+    assert peer_identity(cert) == "gateway"
+    assert peer_identity({"subject": ((("organizationName", "x"),),)}) is None
+    assert peer_identity(None) is None and peer_identity({}) is None
+    allowed = frozenset({"gateway", "billing"})
+    assert refusal("gateway", allowed) is None
+    assert refusal("acquirer", allowed) == "identity 'acquirer' is not accepted here"
+    assert refusal(None, allowed) == "no identity in the certificate"
+    assert refusal("anyone", None) is None
+
+
+def test_allowed_clients_per_listener(tmp_path: Path) -> None:
+    mutual = lab_settings(tmp_path, tls_enabled=True, tls_mutual=True)
+    assert allowed_clients(mutual, "hsm") == {"gateway", "billing"}
+    assert allowed_clients(mutual, "billing") == {"gateway"}
+    assert allowed_clients(mutual, "gateway") == {"acquirer", "terminal"}
+    assert allowed_clients(mutual, "acquirer") == {"terminal"}
+    assert allowed_clients(lab_settings(tmp_path, tls_enabled=True), "hsm") is None  # one-way
+    anyone = lab_settings(tmp_path, tls_enabled=True, tls_mutual=True, tls_clients_hsm=" * ")
+    assert allowed_clients(anyone, "hsm") is None
+    spaced = lab_settings(tmp_path, tls_enabled=True, tls_mutual=True, tls_clients_billing="a, b,")
+    assert allowed_clients(spaced, "billing") == {"a", "b"}
+
+
+def _refused_peer(net: Network, service: str) -> float:
+    registry = net.services[service].metrics.registry
+    value = registry.get_sample_value("paylab_tcp_connections_refused_total", {"reason": "peer"})
+    return value or 0.0
+
+
+async def _served(net: Network, service: str, ctx: ssl.SSLContext) -> bool:
+    """Whether ``service``'s listener serves a client with ``ctx``'s certificate: an echo
+    (an NC on the HSM) answered, or the connection closed after the handshake."""
+    client = await _tls_client(net.ports[service].iso, ctx)
+    try:
+        if service == "hsm":
+            try:
+                await client.send_raw(encode_frame(b"0001NC"))
+                with trio.fail_after(5):
+                    data = await client.stream.receive_some(100)
+            except trio.BrokenResourceError:
+                return False
+            return data[2:8] == b"0001ND"
+        echo = {"t": "0800", "7": "0314092653", "11": "000777", "70": "301"}
+        try:
+            return (await client.roundtrip(echo, timeout=5))["39"] == "00"
+        except (EOFError, trio.BrokenResourceError):
+            return False  # closed after the handshake
+    finally:
+        await client.aclose()
+
+
+async def test_each_listener_accepts_only_its_configured_client_identities(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    tls_dir = tmp_path / "tls"
+    write_lab_pki(tls_dir, lab_pki())
+    log = io.StringIO()
+    configure_logging("info", "json", stream=log)  # before the services bind their loggers
+    net = await start_network(nursery, tmp_path, tls_enabled=True, tls_mutual=True, tls_dir=tls_dir)
+    try:
+        # The network's own links present the right identities: payments flow.
+        body = await _pay(net, "PLN-0001", 150000)
+        assert body["response_code"] == "00", body
+        ctx = {
+            name: make_client_context(TlsFiles.of(tls_dir, name), mutual=True)
+            for name in (*SERVICES, "terminal")
+        }
+        expected = {
+            "hsm": {"gateway", "billing"},
+            "billing": {"gateway"},
+            "gateway": {"acquirer", "terminal"},
+            "acquirer": {"terminal"},
+        }
+        for service, accepted in expected.items():
+            for identity, context in ctx.items():
+                before = _refused_peer(net, service)
+                served = await _served(net, service, context)
+                assert served is (identity in accepted), (service, identity)
+                assert _refused_peer(net, service) == before + (identity not in accepted)
+        events = [json.loads(line) for line in log.getvalue().splitlines() if line.strip()]
+        refused = [e for e in events if e["event"] == "tls_peer_refused"]
+        # The acquirer's certificate on the HSM port: refused, logged with its identity.
+        assert any(e["service"] == "hsm" and e["identity"] == "acquirer" for e in refused)
+        assert len(refused) == sum(5 - len(a) for a in expected.values())
+        again = await _pay(net, "PLN-1001", 125000)
+        assert again["response_code"] == "00", again
+    finally:
+        await net.stop()
+        configure_logging("warning", "json")

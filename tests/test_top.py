@@ -435,7 +435,8 @@ def test_summary_line() -> None:
     lab.pay("00", 3)
     line = summary_line(compute_view(before, snap(lab, 1.0)), "steady", elapsed=4.0)
     assert line.startswith("  4.0s  tps 3.0")
-    assert "approved 3/3" in line and "breakers billing:closed,hsm:closed" in line
+    assert "approved 3/3" in line
+    assert "breakers acquirer/gateway:closed,gateway/billing:closed,gateway/hsm:closed" in line
     assert line.endswith("| steady")
 
 
@@ -450,3 +451,28 @@ def test_parse_seconds(text: str, seconds: float) -> None:
 def test_parse_seconds_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_seconds(text)
+
+
+def test_breakers_of_every_service_complete_their_rows() -> None:
+    """``/breakers`` of every service (as fetched by ``paylab top``): the acquirer's and
+    billing's breakers show with their state, time left open and refusals, as the gateway's."""
+    lab = Lab()
+    before = snap(lab, 0.0)
+    lab.breaker(lab.acquirer, "gateway", "open")
+    breakers = {
+        "breakers": [
+            *BREAKERS["breakers"],
+            {"service": "acquirer", "name": "gateway", "state": "open", "open_remaining": 12.5,
+             "rejected": 40},
+            {"service": "billing", "name": "hsm", "state": "half_open", "rejected": 0},
+        ]
+    }  # fmt: skip
+    view = compute_view(before, snap(lab, 1.0, breakers=breakers))
+    rows = {(link.owner, link.upstream): link for link in view.links}
+    acquirer = rows[("acquirer", "gateway")]
+    assert (acquirer.breaker, acquirer.open_remaining, acquirer.rejected) == ("open", 12.5, 40)
+    assert acquirer.healthy == 2  # from the metrics, kept
+    assert rows[("billing", "hsm")].breaker == "half_open"
+    assert rows[("gateway", "billing")].breaker == "closed"
+    line = summary_line(view)
+    assert "acquirer/gateway:open" in line and "billing/hsm:half_open" in line

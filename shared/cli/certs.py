@@ -20,7 +20,9 @@ def certs(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ) -> None:
-    """Make a lab CA and a certificate per service for TLS links (PAYLAB_TLS_ENABLED=true)."""
+    """Make a lab CA, a certificate per service and a terminal client certificate for TLS
+    links (PAYLAB_TLS_ENABLED=true); each names its identity (service or terminal) in its
+    common name, which mutual TLS listeners check (PAYLAB_TLS_CLIENTS_<SERVICE>)."""
     from shared.net.certs import CertsExist, lab_pki, write_lab_pki
 
     try:

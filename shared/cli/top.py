@@ -30,7 +30,7 @@ def top(
 ) -> None:
     """Live view of a running network: TPS, answers by code, links, breakers, queue, chaos.
 
-    Reads each service's /metrics and the gateway's /links, /breakers and /saf/stats (and
+    Reads each service's /metrics and /breakers, the gateway's /links and /saf/stats (and
     the chaos controller's /chaos when there is one). A service that does not answer is
     shown as down; exit code 1 when none answers. Ctrl-C ends it.
     """

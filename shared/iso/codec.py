@@ -10,8 +10,9 @@ pyiso8583. If SPEC ever gains a header or a non-ASCII element, the fast path dis
 and the library alone is used.
 
 ``encode`` never mutates the caller's dict (pyiso8583 adds bitmap keys to the dict it is
-given). ``decode`` turns every library error into :class:`~shared.errors.DecodeError` so
-callers handle one type.
+given). ``decode`` turns every malformed input into :class:`~shared.errors.DecodeError` so
+callers handle one type: the library's own errors, and a message announcing field 65 (which
+pyiso8583 reads as a tertiary bitmap naming fields 129-192, elements SPEC does not have).
 
 MAC rule: the MAC is the last data element of a message: field 64 when the message has
 no secondary bitmap, field 128 when it has one. The MAC is computed over the encoded
@@ -43,6 +44,7 @@ _MAC_PLACEHOLDER = "0" * MAC_LEN
 FieldTable = dict[int, tuple[int, int]]
 
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_HEX_BYTES = frozenset(b"0123456789abcdefABCDEF")
 
 
 def _build_table(spec: Mapping[str, Mapping[str, Any]]) -> FieldTable | None:
@@ -225,23 +227,38 @@ def encode(msg: Mapping[str, str]) -> bytes:
 def decode(data: bytes) -> Message:
     """Decode one payload into a message dict (bitmap keys removed).
 
-    Raises :class:`DecodeError` for anything pyiso8583 rejects (bad MTI, bad bitmap,
-    truncated or extra data) and for non-ASCII bytes.
+    Raises :class:`DecodeError`, and only that, for every malformed input: anything
+    pyiso8583 rejects (bad MTI, bad bitmap, truncated or extra data), non-ASCII bytes, and
+    a secondary bitmap with bit 65 set (a tertiary bitmap, which paylab does not use).
     """
     doc = _fast_decode(data)
     if doc is None:
+        if _announces_field_65(data):
+            raise DecodeError("bit 65 is set: tertiary bitmaps (fields 129-192) are not used")
         try:
             doc, _ = iso8583.decode(data, SPEC)
         except _LibDecodeError as exc:
             raise DecodeError(str(exc)) from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise DecodeError(f"undecodable bytes: {type(exc).__name__}") from None
+        except (KeyError, IndexError, TypeError) as exc:
+            # An element the spec does not describe: never let the library's lookup escape.
+            raise DecodeError(f"undecodable message: {type(exc).__name__}") from None
         doc.pop("p", None)
         doc.pop("1", None)
     mti = doc.get("t", "")
     if not (mti.isascii() and mti.isdigit()):
         raise DecodeError(f"MTI {mti!r} is not 4 digits")
     return doc
+
+
+def _announces_field_65(data: Any) -> bool:
+    """True when ``data`` has ASCII hex primary and secondary bitmaps (bit 1 set) whose
+    secondary bitmap sets bit 65: pyiso8583 would read a tertiary bitmap there."""
+    head = data[4:36] if isinstance(data, bytes | bytearray) else b""
+    if len(head) != 32 or not _HEX_BYTES.issuperset(head):
+        return False
+    return bool(int(head[0:1], 16) & 8) and bool(int(head[16:17], 16) & 8)
 
 
 def mac_field(msg: Mapping[str, str]) -> str:

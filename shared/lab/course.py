@@ -4,7 +4,7 @@ Nothing here does I/O. A shell (``shared/cli/lab.py``) reads, for one instant, w
 running network publishes and hands it over as a :class:`LabSnapshot`:
 
 * a :class:`shared.lab.top.Snapshot`: each service's parsed ``/metrics`` (the chaos
-  controller's too, under ``"chaos"``), the gateway's ``/links``, ``/breakers`` and
+  controller's too, under ``"chaos"``) and ``/breakers``, the gateway's ``/links`` and
   ``/saf/stats``, the chaos controller's ``/chaos``;
 * the JSON of each service's ``/health``;
 * optionally a Prometheus server's ``/api/v1/targets`` and ``/api/v1/rules`` answers;
@@ -145,23 +145,30 @@ def _links_healthy(snap: LabSnapshot, fix: str) -> Finding:
     return Finding(True, what)
 
 
+#: The gateway's breaker of billing, as ``paylab breaker status`` names it.
+BILLING_BREAKER = "gateway/billing"
+
+
 def _breaker_states(snap: LabSnapshot) -> dict[str, str]:
-    """Each gateway breaker's state: from ``/breakers``, else from the metrics."""
+    """Each breaker of every service, as ``service/upstream``: its state from the
+    ``/breakers`` answers, else from the services' metrics."""
     states = {
-        str(b.get("name")): str(b.get("state")) for b in snap.network.breakers or [] if "name" in b
+        f"{b.get('service') or 'gateway'}/{b.get('name')}": str(b.get("state"))
+        for b in snap.network.breakers or []
+        if "name" in b
     }
     if states:
         return states
-    gw = _gateway(snap)
-    if gw is not None:
-        for labels, value in select(gw, "paylab_breaker_state"):
+    for service in NETWORK_SERVICES:
+        samples = snap.network.metrics.get(service)
+        for labels, value in select(samples or {}, "paylab_breaker_state"):
             if value >= 1:
-                states[labels.get("upstream", "?")] = labels.get("state", "?")
+                states[f"{service}/{labels.get('upstream', '?')}"] = labels.get("state", "?")
     return states
 
 
 def _breakers_closed(snap: LabSnapshot, names: Sequence[str] | None = None) -> Finding:
-    label = "the billing breaker is" if names == ("billing",) else "every breaker is"
+    label = "the billing breaker is" if names == (BILLING_BREAKER,) else "every breaker is"
     what = f"{label} closed now (paylab breaker status)"
     states = _breaker_states(snap)
     if not states:
@@ -173,8 +180,8 @@ def _breakers_closed(snap: LabSnapshot, names: Sequence[str] | None = None) -> F
             False,
             what,
             f"now: {', '.join(not_closed)}; remove the fault (paylab chaos heal all, "
-            "paylab chaos database billing --up) or `paylab breaker reset billing`, then "
-            "wait for the half-open probe (PAYLAB_BREAKER_OPEN_WAIT)",
+            "paylab chaos database billing --up) and wait a few seconds for a probe to "
+            "succeed, or `paylab breaker reset NAME`",
         )
     return Finding(True, what)
 
@@ -258,13 +265,14 @@ def _database_up(snap: LabSnapshot, service: str) -> Finding:
 
 
 def check_breaker(snap: LabSnapshot) -> list[Finding]:
-    """Lab 2: billing's breaker has been open and half-open at least once; closed now."""
+    """Lab 2: the gateway's billing breaker has been open and half-open at least once;
+    closed now."""
     gw = _gateway(snap)
     findings = []
     for state, how in (
-        ("open", "make billing fail five times in a row (step 3)"),
-        ("half_open", "wait PAYLAB_BREAKER_OPEN_WAIT seconds after it opened (step 4)"),
-        ("closed", "bring billing back (paylab chaos database billing --up) and wait"),
+        ("open", "cut the link (paylab chaos partition billing) and inquire twice (step 4)"),
+        ("half_open", "heal the link (paylab chaos heal all): a probe succeeds (step 6)"),
+        ("closed", "heal the link (paylab chaos heal all) and wait a few seconds"),
     ):
         what = (
             f"the billing breaker went {state.replace('_', '-')} (paylab_breaker_transitions_total)"
@@ -274,7 +282,7 @@ def check_breaker(snap: LabSnapshot) -> list[Finding]:
             continue
         count = total(gw, "paylab_breaker_transitions_total", upstream="billing", to_state=state)
         findings.append(Finding(count > 0, what, "" if count > 0 else f"never yet: {how}"))
-    findings.append(_breakers_closed(snap, ("billing",)))
+    findings.append(_breakers_closed(snap, (BILLING_BREAKER,)))
     return findings
 
 

@@ -3,7 +3,8 @@
 Nothing here does I/O. A shell (``shared/lab/watch.py``) fetches, for one instant:
 
 * the Prometheus text of each service's ``GET /metrics`` (``None`` when it did not answer);
-* the JSON of the gateway's ``GET /links``, ``GET /breakers`` and ``GET /saf/stats``;
+* the JSON of the gateway's ``GET /links`` and ``GET /saf/stats``, and every service's
+  ``GET /breakers`` (as one list, each breaker naming its ``service``);
 * optionally the JSON of the chaos controller's ``GET /chaos``;
 
 and hands them to :meth:`Snapshot.build` with the time it read them (any monotonic clock).
@@ -292,6 +293,35 @@ def _links_from_metrics(owner: str, samples: Samples) -> dict[str, LinkRow]:
     return rows
 
 
+def _breakers_of(breakers: Sequence[Any], owner: str) -> list[Mapping[str, Any]]:
+    """The breakers ``owner`` answered (one without ``service`` is the gateway's)."""
+    return [
+        b for b in breakers if isinstance(b, Mapping) and (b.get("service") or "gateway") == owner
+    ]
+
+
+def _with_breakers(
+    owner: str, rows: dict[str, LinkRow], breakers: Sequence[Mapping[str, Any]]
+) -> dict[str, LinkRow]:
+    """``owner``'s rows, completed with what its ``/breakers`` says."""
+    out = dict(rows)
+    for b in breakers:
+        name = str(b.get("name", "?"))
+        base = out.get(name, LinkRow(owner, name, None, None, None))
+        state = b.get("state") or base.breaker
+        out[name] = LinkRow(
+            owner=owner,
+            upstream=name,
+            healthy=base.healthy,
+            target=base.target,
+            breaker=str(state) if state is not None else None,
+            in_flight=base.in_flight,
+            open_remaining=_float_or_none(b.get("open_remaining")) if state == "open" else None,
+            rejected=_int_or_none(b.get("rejected")) if "rejected" in b else base.rejected,
+        )
+    return out
+
+
 def _int_or_none(value: Any) -> int | None:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
@@ -467,8 +497,11 @@ def compute_view(before: Snapshot, now: Snapshot, *, chaos_expected: bool = Fals
     for owner in SERVICES_SHOWN:
         samples = now.metrics.get(owner)
         rows = _links_from_metrics(owner, samples) if samples is not None else {}
-        if owner == "gateway" and (now.links or now.breakers):
-            rows = _gateway_links(rows, now.links or [], now.breakers or [])
+        owned = _breakers_of(now.breakers or [], owner)
+        if owner == "gateway" and (now.links or owned):
+            rows = _gateway_links(rows, now.links or [], owned)
+        elif owned:
+            rows = _with_breakers(owner, rows, owned)
         links.extend(rows[k] for k in sorted(rows))
 
     chaos_rows: list[ChaosRow] | None = None

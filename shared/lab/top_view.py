@@ -171,7 +171,9 @@ def summary_line(view: View, caption: str | None = None, elapsed: float | None =
         f" declined {view.declines(interval=True)}/{view.declines(interval=False)}"
         f" stand-in {_count(view.standin_interval)}/{_count(view.standin_total)}"
     )
-    breakers = [f"{link.upstream}:{link.breaker}" for link in view.links if link.owner == "gateway"]
+    breakers = [
+        f"{link.owner}/{link.upstream}:{link.breaker}" for link in view.links if link.breaker
+    ]
     if breakers:
         parts.append("breakers " + ",".join(breakers))
     if view.saf is not None:

@@ -83,23 +83,46 @@ async def fetch_snapshot(
             nursery.start_soon(get, name, f"{base}/metrics", False, False)
         gateway = targets.services.get("gateway")
         if gateway is not None:
-            for path in ("/links", "/breakers", "/saf/stats"):
+            for path in ("/links", "/saf/stats"):
                 nursery.start_soon(get, f"gateway {path}", gateway + path, True, True)
+        for name, base in targets.services.items():  # every service's breakers
+            nursery.start_soon(get, f"{name} /breakers", f"{base}/breakers", True, True)
         if targets.chaos is not None:
             nursery.start_soon(get, "chaos", f"{targets.chaos}/chaos", True, True)
     # An admin endpoint of a service that is down says nothing new: one line per service.
     if texts.get("gateway") is None:
-        for path in ("/links", "/breakers", "/saf/stats"):
+        for path in ("/links", "/saf/stats"):
             errors.pop(f"gateway {path}", None)
+    for name in targets.services:
+        if texts.get(name) is None:
+            errors.pop(f"{name} /breakers", None)
     return Snapshot.build(
         at,
         texts,
         links=bodies.get("gateway /links"),
-        breakers=bodies.get("gateway /breakers"),
+        breakers=_all_breakers(targets.services, bodies),
         saf=bodies.get("gateway /saf/stats"),
         chaos=bodies.get("chaos"),
         errors=errors,
     )
+
+
+def _all_breakers(services: Mapping[str, str], bodies: Mapping[str, Any]) -> Any:
+    """The ``/breakers`` answers of every service as one body, each breaker naming its
+    service; None when no service answered. A body of the wrong shape is passed on as it
+    is, for :meth:`Snapshot.build` to record."""
+    found = [
+        (name, bodies[f"{name} /breakers"]) for name in services if f"{name} /breakers" in bodies
+    ]
+    if not found:
+        return None
+    items: list[Any] = []
+    for name, body in found:
+        listed = body.get("breakers") if isinstance(body, dict) else None
+        if not isinstance(listed, list):
+            return body
+        items += [{"service": name, **b} if isinstance(b, dict) else b for b in listed]
+    return {"breakers": items}
 
 
 async def watch(

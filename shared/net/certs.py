@@ -8,8 +8,14 @@ the thin writer. Contract:
   ``localhost``, the service name, ``127.0.0.1`` and every extra name or IP given, with the
   serverAuth *and* clientAuth extended key usages (each service is a server to its clients
   and, with mutual TLS, a client to its upstreams);
+* every certificate's subject common name is its **identity** (the service's name, or
+  ``terminal``): with mutual TLS each listener accepts only the identities configured for
+  it (``PAYLAB_TLS_CLIENTS_<SERVICE>``, :mod:`shared.tls`);
+* :func:`make_client_cert` returns a client-only certificate (clientAuth, no host names)
+  for an identity that never listens: the terminals';
 * :func:`lab_pki` returns every file of a lab as ``{file name: PEM bytes}``: ``ca.crt``,
-  ``ca.key``, ``<service>.crt``, ``<service>.key`` for the four services;
+  ``ca.key``, ``<service>.crt``, ``<service>.key`` for the four services, and
+  ``terminal.crt`` / ``terminal.key`` for terminals;
 * :func:`write_lab_pki` writes them into a directory (keys mode 0600) and refuses to
   overwrite an existing file unless ``force``.
 
@@ -170,12 +176,50 @@ def make_service_cert(
     return PemPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
+#: Identities that only ever connect (never listen): a client certificate each.
+CLIENT_IDENTITIES = ("terminal",)
+
+
+def make_client_cert(ca: PemPair, identity: str, days: int = DEFAULT_DAYS) -> PemPair:
+    """A key and a CA-signed client-only certificate (clientAuth) for ``identity``."""
+    ca_cert = x509.load_pem_x509_certificate(ca.cert)
+    ca_key = serialization.load_pem_private_key(ca.key, password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the CA key must be an EC key made by make_ca")
+    key = _new_key()
+    not_before, not_after = _validity(days)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(identity))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(key_agreement=True), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return PemPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
 def lab_pki(
     extra_hosts: Iterable[str] = (),
     services: Iterable[str] = SERVICES,
     days: int = DEFAULT_DAYS,
+    clients: Iterable[str] = CLIENT_IDENTITIES,
 ) -> dict[str, bytes]:
-    """Every file of a lab PKI: ``{file name: PEM bytes}`` (a new CA each call)."""
+    """Every file of a lab PKI: ``{file name: PEM bytes}`` (a new CA each call): a server
+    and client certificate per service, a client certificate per identity of ``clients``."""
     hosts = list(extra_hosts)
     ca = make_ca(days=days)
     files = {"ca.crt": ca.cert, "ca.key": ca.key}
@@ -183,6 +227,10 @@ def lab_pki(
         pair = make_service_cert(ca, service, hosts, days)
         files[f"{service}.crt"] = pair.cert
         files[f"{service}.key"] = pair.key
+    for identity in clients:
+        pair = make_client_cert(ca, identity, days)
+        files[f"{identity}.crt"] = pair.cert
+        files[f"{identity}.key"] = pair.key
     return files
 
 

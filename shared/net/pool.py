@@ -21,7 +21,8 @@ How the pool behaves (the contract :class:`shared.net.upstream.Upstream` builds 
   flight, primary endpoint first; the backup carries traffic only while the primary has no
   healthy connection, so traffic returns to the primary as soon as it is back;
 * a *gate* (the circuit breaker) may hold every slot's connection attempts: while the
-  breaker is open the pool does not touch the network at all;
+  breaker is open, connection attempts and echoes are its probes, one attempt at a time,
+  at the pace the breaker sets (a forced-open breaker holds every attempt);
 * :meth:`UpstreamPool.close` signs off every connection (0800/002) and closes it.
 """
 
@@ -102,12 +103,20 @@ class Gate(Protocol):
         """An echo was answered in time, or not."""
         ...
 
+    def probe_wait(self) -> float | None:
+        """None: echoes go at the heartbeat interval. Else (the breaker is open) seconds until
+        an echo on a connection still up is due as a probe."""
+        ...
+
 
 class OpenGate:
     """A gate that never holds anything (a pool without a breaker)."""
 
     def connect_wait(self) -> float:
         return 0.0
+
+    def probe_wait(self) -> float | None:
+        return None
 
     def connect_result(self, ok: bool) -> None:
         pass
@@ -299,6 +308,7 @@ class UpstreamPool(Generic[T]):
                 persistent = i < max(self.config.min_connections, 1 if role == "primary" else 0)
                 self._slots.append(_Slot(role, address, i, persistent))
         self._changed = trio.Event()  # set whenever a connection becomes healthy
+        self._gate_event = trio.Event()  # set whenever the gate (breaker) changes state
         self._closing = False
         self._nursery: trio.Nursery | None = None
         metrics.upstream_calls.labels(name, "ok")
@@ -530,12 +540,20 @@ class UpstreamPool(Generic[T]):
         return ok
 
     async def _heartbeat(self, slot: _Slot[T], conn: MultiplexedConnection[T]) -> None:
-        """Echo whenever the connection has been idle for the interval; replace it on a miss."""
+        """Echo whenever the connection has been idle for the interval; replace it on a miss.
+
+        While the gate probes (the breaker is open), the echo goes as soon as the probe is
+        due instead, the connection being idle since it opened (no call passes)."""
         cfg = self.config
         while not conn.closed:
             idle_until = conn.last_activity + cfg.heartbeat_interval
+            probe = self.gate.probe_wait()
+            if probe is not None:
+                idle_until = min(idle_until, trio.current_time() + probe)
             if trio.current_time() < idle_until:
-                await trio.sleep_until(idle_until)
+                changed = self._gate_event
+                with trio.move_on_at(idle_until):
+                    await changed.wait()  # the breaker moved: look again
                 continue
             payload, key = self._dialect.echo()
             start = trio.current_time()
@@ -652,6 +670,11 @@ class UpstreamPool(Generic[T]):
                 slot.wake()
         self._log.info("link_reconnect_requested", upstream=self.name, dropped=dropped)
         return dropped
+
+    def gate_changed(self) -> None:
+        """The gate (breaker) changed state: heartbeats look at its probe schedule again."""
+        self._gate_event.set()
+        self._gate_event = trio.Event()
 
     def wake_waiting(self) -> None:
         """Tell waiting slots to look at the gate again (the breaker changed state)."""

@@ -34,6 +34,10 @@ FrameHandler = Callable[[bytes, str], Awaitable[bytes | None]]
 #: A handler that answers at once, without waiting on anything (see ``FramedServer(inline=)``).
 InlineHandler = Callable[[bytes, str], bytes | None]
 
+#: Judges a TLS client by its verified certificate (``getpeercert()``): (its identity, why it
+#: is refused, or None when it is accepted).
+ClientCheck = Callable[[Any], tuple[str | None, str | None]]
+
 
 class FramedServer:
     """Accepts TCP connections and serves length-prefixed frames with ``handler``.
@@ -49,13 +53,17 @@ class FramedServer:
     * a framing error (oversize or malformed length) is logged without content, counted,
       and closes that connection after its in-flight requests are answered;
     * a frame that is not whole ``frame_timeout`` seconds after its first byte arrived, or
-      a connection that sends nothing for ``idle_timeout`` seconds (0: no limit), is closed
-      the same way, logged and counted (slowloris guard);
+      a connection that sends no message for ``idle_timeout`` seconds (0: no limit), is
+      closed the same way, logged and counted (slowloris guard). Only a frame that carries
+      a message restarts the idle clock: zero-length keep-alive frames do not, so a peer
+      that sends nothing else is closed when its idle time is up;
     * with ``ssl_context``, every accepted connection is wrapped in TLS; the handshake runs
       in that connection's own task within ``handshake_timeout`` seconds, so a peer that
       never handshakes cannot hold up accepting. A failed or timed-out handshake is logged
       (``tls_handshake_failed``), counted (``connections_refused{reason="tls"}``) and closes
-      only that connection;
+      only that connection. With ``client_check`` (mutual TLS), a client whose certificate
+      it refuses is closed after the handshake the same way (``tls_peer_refused``,
+      ``connections_refused{reason="peer"}``);
     * :meth:`shutdown` stops accepting and reading, lets in-flight requests finish within
       ``grace`` seconds, then closes every connection.
 
@@ -86,6 +94,7 @@ class FramedServer:
         idle_timeout: float = 0.0,
         ssl_context: ssl.SSLContext | None = None,
         handshake_timeout: float = 10.0,
+        client_check: ClientCheck | None = None,
         inline: InlineHandler | None = None,
     ) -> None:
         self.name = name
@@ -102,6 +111,7 @@ class FramedServer:
         self._idle_timeout = idle_timeout
         self._ssl_context = ssl_context
         self._handshake_timeout = handshake_timeout
+        self._client_check = client_check
         self._accept_scope = trio.CancelScope()
         self._reader_scopes: set[trio.CancelScope] = set()
         self._conn_nursery: trio.Nursery | None = None
@@ -181,8 +191,20 @@ class FramedServer:
                 await trio.aclose_forcefully(stream)
             raise
         if reason is None and not self._closing:
-            return tls
-        if reason is not None:
+            if self._client_check is None:
+                return tls
+            identity, refused = self._client_check(tls.getpeercert())
+            if refused is None:
+                return tls
+            self._metrics.connections_refused.labels("peer").inc()
+            self._log.warning(
+                "tls_peer_refused",
+                listener=self.name,
+                peer=peer,
+                identity=identity,
+                reason=refused,
+            )
+        elif reason is not None:
             self._metrics.connections_refused.labels("tls").inc()
             self._log.warning("tls_handshake_failed", listener=self.name, peer=peer, reason=reason)
         with trio.CancelScope(shield=True):
@@ -216,10 +238,11 @@ class FramedServer:
         sender: FrameSender,
         slots: trio.Semaphore,
     ) -> None:
-        last_data = trio.current_time()
+        last_message = trio.current_time()  # the idle clock: keep-alives do not restart it
+        keepalives = 0  # zero-length frames since the last message
         frame_started: float | None = None  # when the first byte of a partial frame came
         while True:
-            deadline, why = self._read_deadline(last_data, frame_started)
+            deadline, why = self._read_deadline(last_message, frame_started)
             data: bytes | bytearray = b""
             try:
                 with trio.move_on_at(deadline) as waited:
@@ -234,12 +257,12 @@ class FramedServer:
                     peer=peer,
                     reason=why,
                     buffered=parser.buffered,
+                    keepalives=keepalives,
                 )
                 return
             if not data:
                 return
             now = trio.current_time()
-            last_data = now
             if frame_started is None:
                 frame_started = now
             parser.feed(data)
@@ -261,7 +284,10 @@ class FramedServer:
                         break
                     served = True
                     if not frame:
+                        keepalives += 1
                         continue  # a zero-length frame: a keep-alive, nothing to answer
+                    last_message = now
+                    keepalives = 0
                     if self._inline is not None:
                         out = self._answer_inline(frame, peer)
                         if out is not None:
@@ -287,17 +313,13 @@ class FramedServer:
             if served:  # the rest (if any) is the start of the next frame: its clock starts
                 frame_started = trio.current_time() if parser.buffered else None
 
-    def _read_deadline(self, last_data: float, frame_started: float | None) -> tuple[float, str]:
-        """When the next read gives up, and why: a partial frame's time is up (``frame``)
-        or the connection has been silent too long (``idle``)."""
-        deadline, why = math.inf, "idle"
-        if self._idle_timeout > 0:
-            deadline = last_data + self._idle_timeout
-        if frame_started is not None and self._frame_timeout > 0:
-            frame_deadline = frame_started + self._frame_timeout
-            if frame_deadline < deadline:
-                deadline, why = frame_deadline, "frame"
-        return deadline, why
+    def _read_deadline(self, last_message: float, frame_started: float | None) -> tuple[float, str]:
+        return read_deadline(
+            last_message,
+            frame_started,
+            idle_timeout=self._idle_timeout,
+            frame_timeout=self._frame_timeout,
+        )
 
     def _answer_inline(self, frame: bytes, peer: str) -> bytes | None:
         """The framed answer of the inline handler to ``frame`` (None: no answer)."""
@@ -338,6 +360,32 @@ class FramedServer:
                 await _send_quietly(sender, out)
         finally:
             slots.release()
+
+
+def read_deadline(
+    last_message: float,
+    frame_started: float | None,
+    *,
+    idle_timeout: float,
+    frame_timeout: float,
+) -> tuple[float, str]:
+    """When a listener's next read gives up, and why (pure; 0 turns a timeout off).
+
+    ``idle``: ``idle_timeout`` seconds after the last frame that carried a message (or the
+    accept); keep-alive frames do not count. ``frame``: ``frame_timeout`` seconds after the
+    first byte of the frame in progress (``frame_started``). A frame begun before the idle
+    time was up may still finish within its own frame timeout; one begun later may not, so
+    a peer cannot stretch its idle time with partial frames.
+    """
+    idle = last_message + idle_timeout if idle_timeout > 0 else math.inf
+    frame = math.inf
+    if frame_started is not None and frame_timeout > 0:
+        frame = frame_started + frame_timeout
+    if frame <= idle and math.isfinite(frame):
+        return frame, "frame"
+    if frame_started is not None and frame_started < idle and math.isfinite(frame):
+        return frame, "frame"
+    return idle, "idle"
 
 
 async def _send_quietly(sender: FrameSender, out: bytes) -> bool:

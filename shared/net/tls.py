@@ -7,6 +7,10 @@ Contract:
   and its host name (the host of the address it dials: an IP SAN or a DNS SAN);
 * with ``tls_mutual`` a client presents its own service's certificate, and a server
   requires a client certificate signed by the same CA (otherwise the handshake fails);
+  each listener then also accepts only the client identities configured for it
+  (``tls_clients_<service>``): the identity of a certificate is its subject's common name
+  (:func:`peer_identity`), which ``paylab certs`` sets to the service's name (or
+  ``terminal``). The listener checks it after the handshake (:func:`allowed_clients`);
 * :func:`server_context` / :func:`client_context` return None while ``tls_enabled`` is off:
   plain TCP, the default.
 
@@ -18,8 +22,10 @@ at service construction, naming the file.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shared.errors import PaylabError
 from shared.ops.settings import Settings
@@ -93,3 +99,51 @@ def client_context(settings: Settings, service: str) -> ssl.SSLContext | None:
     if not settings.tls_enabled:
         return None
     return make_client_context(TlsFiles.of(settings.tls_dir, service), mutual=settings.tls_mutual)
+
+
+def allowed_clients(settings: Settings, service: str) -> frozenset[str] | None:
+    """The client identities ``service``'s listener accepts, or None when any peer may
+    connect (TLS or mutual TLS off, or ``*`` configured)."""
+    if not (settings.tls_enabled and settings.tls_mutual):
+        return None
+    return settings.tls_clients(service)
+
+
+def client_check(
+    settings: Settings, service: str
+) -> Callable[[Any], tuple[str | None, str | None]] | None:
+    """The listener's judge of a client certificate (``FramedServer(client_check=)``): its
+    identity and why it is refused; None when every client of the CA is accepted."""
+    allowed = allowed_clients(settings, service)
+    if allowed is None:
+        return None
+
+    def check(cert: Any) -> tuple[str | None, str | None]:
+        identity = peer_identity(cert)
+        return identity, refusal(identity, allowed)
+
+    return check
+
+
+def peer_identity(cert: Mapping[str, Any] | None) -> str | None:
+    """The identity of a verified peer certificate (``SSLObject.getpeercert()``): the common
+    name of its subject, or None when there is no certificate or no common name.
+
+    Not a DNS name of the SAN: those name hosts (``paylab certs --host`` puts the same
+    extra names in every certificate), not the peer."""
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+def refusal(identity: str | None, allowed: frozenset[str] | None) -> str | None:
+    """Why a client of this identity is refused (None: it is accepted)."""
+    if allowed is None or (identity is not None and identity in allowed):
+        return None
+    if identity is None:
+        return "no identity in the certificate"
+    return f"identity {identity!r} is not accepted here"

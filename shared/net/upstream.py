@@ -21,6 +21,7 @@ What is retried (and why):
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Hashable
 from contextvars import ContextVar
@@ -84,12 +85,18 @@ def retry_reason(exc: UpstreamError, *, resend_safe: bool) -> str | None:
 
 
 class BreakerGate:
-    """Connects the breaker to the pool: no connection attempts while it is open.
+    """Connects the breaker to the pool: the pool's connection attempts and heartbeats
+    probe the link while the breaker is open.
 
-    * ``connect_wait``: the open period's remaining seconds (infinite when forced open);
-    * while half-open, **one** connection attempt at a time is the probe: the other slots
-      wait for its outcome (``probe_timeout`` bounds the wait should the probe vanish);
-    * a missed heartbeat counts as a failure; an answered one only while half-open.
+    * ``connect_wait``: while open or half-open, **one** connection attempt at a time is
+      the probe, at the pace of the slots' own reconnect backoff; the other slots wait for
+      its outcome (``probe_timeout`` bounds the wait should the probe vanish). Infinite
+      when forced open: no attempts;
+    * ``probe_wait``: while open, when an echo on a connection still up is due as a probe
+      (the breaker's probe schedule, :meth:`CircuitBreaker.probe_wait`);
+    * a connection attempt (connect and sign-on) counts while open or half-open: success
+      moves an open breaker to half-open; a missed heartbeat counts as a failure, an
+      answered one only while open or half-open (idle echoes do not dilute the window).
     """
 
     #: How often a slot held back by a probe in progress looks again.
@@ -102,22 +109,30 @@ class BreakerGate:
 
     def connect_wait(self) -> float:
         state = self.breaker.state
-        if state in (BreakerState.OPEN, BreakerState.FORCED_OPEN):
-            return self.breaker.open_remaining()
-        if state is BreakerState.HALF_OPEN:
-            now = trio.current_time()
-            if self._probe_since is not None and now - self._probe_since < self._probe_timeout:
-                return self.PROBE_POLL
-            self._probe_since = now
+        if state is BreakerState.FORCED_OPEN:
+            return math.inf
+        if state in (BreakerState.OPEN, BreakerState.HALF_OPEN):
+            return self._claim_probe()
         return 0.0
+
+    def _claim_probe(self) -> float:
+        """0.0: this attempt is the probe; else how soon to look again (one is under way)."""
+        now = trio.current_time()
+        if self._probe_since is not None and now - self._probe_since < self._probe_timeout:
+            return self.PROBE_POLL
+        self._probe_since = now
+        return 0.0
+
+    def probe_wait(self) -> float | None:
+        return self.breaker.probe_wait()
 
     def connect_result(self, ok: bool) -> None:
         self._probe_since = None
-        if self.breaker.state is BreakerState.HALF_OPEN:
+        if self.breaker.state in (BreakerState.OPEN, BreakerState.HALF_OPEN):
             self.breaker.record_event(success=ok)
 
     def heartbeat_result(self, ok: bool) -> None:
-        if not ok or self.breaker.state is BreakerState.HALF_OPEN:
+        if not ok or self.breaker.state in (BreakerState.OPEN, BreakerState.HALF_OPEN):
             self.breaker.record_event(success=ok)
 
 
@@ -194,7 +209,9 @@ class Upstream(Generic[T]):
             to_state=t.to_state.value,
             reason=t.reason,
         )
-        # Slots waiting for the breaker look again (a reset or half-open lets them connect).
+        # Heartbeats switch to (or from) the probe schedule; slots waiting for the breaker
+        # look again (a reset or half-open lets them connect).
+        self.pool.gate_changed()
         if t.to_state not in (BreakerState.OPEN, BreakerState.FORCED_OPEN):
             self.pool.wake_waiting()
 
@@ -282,14 +299,19 @@ class Upstream(Generic[T]):
         failed = None if self._answers is None else self._answers.failed_answer(answer)
         if failed is not None:
             self.pool.record_answer_failure()
-        self.breaker.record(permit, success=failed is None, duration=trio.current_time() - start)
+        # The link worked: an answer came, whatever it says (a 91 may still be retried).
+        self.breaker.record(permit, success=True, duration=trio.current_time() - start)
         return _Attempt(answer=answer, failed=failed)
 
     # -- views ---------------------------------------------------------------------------------
     def link_view(self) -> dict[str, Any]:
         view = self.pool.view()
         view["breaker"] = self.breaker.state.value
+        view["service"] = self._metrics.service
         return view
 
     def breaker_view(self) -> dict[str, Any]:
-        return self.breaker.snapshot().as_dict()
+        """The breaker's snapshot, with the service that owns it (``name`` is the upstream)."""
+        view = self.breaker.snapshot().as_dict()
+        view["service"] = self._metrics.service
+        return view

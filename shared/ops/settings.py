@@ -114,7 +114,12 @@ class Settings(BaseSettings):
     reconnect_base_delay: float = Field(
         0.5, gt=0, description="First delay before reconnecting; doubles with jitter."
     )
-    reconnect_max_delay: float = Field(16.0, gt=0, description="Cap of the reconnect delay.")
+    reconnect_max_delay: float = Field(
+        4.0,
+        gt=0,
+        description="Cap of the reconnect delay: an upstream that returns is found within "
+        "about this long (also the pace of an open breaker's connection probes).",
+    )
 
     # -- retry (gateway to billing and HSM; course: retry.*) -------------------------------
     retry_max_attempts: int = Field(
@@ -157,7 +162,10 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Seconds after which a successful call counts as a failure (0: off)."
     )
     breaker_open_wait: float = Field(
-        30.0, gt=0, description="Seconds open (failing fast) before a half-open probe."
+        30.0,
+        gt=0,
+        description="Longest a breaker stays open (failing fast) when no probe succeeds; a "
+        "probe (connection attempt or echo) that succeeds makes it half-open at once.",
     )
     breaker_half_open_calls: int = Field(
         1, ge=1, description="Trial calls let through half-open; all must succeed to close."
@@ -279,8 +287,21 @@ class Settings(BaseSettings):
     idle_timeout: float = Field(
         300.0,
         ge=0,
-        description="Seconds an ISO connection may send nothing at all before it is closed "
-        "(keep it above heartbeat_interval; 0: off).",
+        description="Seconds an ISO connection may send no message before it is closed; "
+        "zero-length keep-alive frames do not count (keep it above heartbeat_interval; 0: off).",
+    )
+    db_failure_hold: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a service's /health keeps reporting its database as failing "
+        "after a database call failed (besides the write probe of every /health).",
+    )
+    undecodable_log_interval: float = Field(
+        60.0,
+        ge=0,
+        description="An ISO listener logs at most one undecodable_frame line per connection "
+        "in this many seconds (each line says how many were held back); every frame is "
+        "counted. 0: log every one.",
     )
 
     # -- wire ----------------------------------------------------------------------------
@@ -362,6 +383,23 @@ class Settings(BaseSettings):
         False,
         description="Mutual TLS: listeners require a client certificate signed by the lab "
         "CA, and pools present their own service's certificate.",
+    )
+    tls_clients_acquirer: str = Field(
+        "terminal",
+        description="With mutual TLS: client identities (certificate CN, comma-separated) "
+        "the acquirer's terminal listener accepts; * for any certificate of the CA.",
+    )
+    tls_clients_gateway: str = Field(
+        "acquirer,terminal",
+        description="With mutual TLS: client identities the gateway's listener accepts.",
+    )
+    tls_clients_billing: str = Field(
+        "gateway",
+        description="With mutual TLS: client identities billing's listener accepts.",
+    )
+    tls_clients_hsm: str = Field(
+        "gateway,billing",
+        description="With mutual TLS: client identities the HSM's listener accepts.",
     )
 
     # -- logging ------------------------------------------------------------------------------
@@ -454,6 +492,13 @@ class Settings(BaseSettings):
         if url:
             return url
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
+    def tls_clients(self, service: str) -> frozenset[str] | None:
+        """The client identities ``service``'s listener accepts with mutual TLS; None for
+        any certificate of the CA (``*``)."""
+        raw: str = getattr(self, f"tls_clients_{service}", "*")
+        names = frozenset(part.strip() for part in raw.split(",") if part.strip())
+        return None if "*" in names else names
 
     def http_port(self, service: str) -> int:
         return int(getattr(self, f"{service}_http_port"))

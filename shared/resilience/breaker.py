@@ -6,10 +6,25 @@ the outcome afterwards; the breaker only counts and moves between states.
 
 States (:class:`BreakerState`)::
 
-    CLOSED --(failure rate / consecutive failures)--> OPEN --(open_wait elapsed)--> HALF_OPEN
+    CLOSED --(failure rate / consecutive failures)--> OPEN
+    OPEN --(a probe succeeded, or open_wait elapsed)--> HALF_OPEN
     HALF_OPEN --(half_open_calls trials succeeded)--> CLOSED
     HALF_OPEN --(a trial failed)--> OPEN
     any --reset()--> CLOSED    any --force_open()--> FORCED_OPEN    any --disable()--> DISABLED
+
+A breaker judges the **link**, not the answers: the caller reports a call as failed only
+for a timeout, a connection refused, reset or closed (and, when configured, a slow answer);
+a well-formed answer is a success whatever it says.
+
+While OPEN, the link is **probed**: a connection attempt (connect and sign-on, at the pace
+of the pool's reconnect backoff) or an echo on a connection still up, reported with
+:meth:`CircuitBreaker.record_event`. A successful probe moves the breaker to HALF_OPEN at
+once, so recovery takes about the reconnect backoff; ``open_wait`` is only the longest an
+OPEN breaker waits when no probe succeeds. Echoes follow the breaker's own schedule
+(:meth:`CircuitBreaker.probe_wait`): the first may go ``probe_delay`` seconds after
+opening, each failed probe doubles the wait (at most ``probe_max_delay``), and so does each
+reopening before a call succeeded again, so that an upstream that answers echoes but not
+calls gets fewer and fewer trial calls.
 
 Every state change is a :class:`Transition`: it bumps the breaker's *generation* and is
 reported once to ``on_transition``. A permit remembers the generation it was issued in, so
@@ -53,8 +68,8 @@ class BreakerConfig:
     Raises :class:`ValueError` unless ``window_size >= 1``,
     ``1 <= minimum_calls <= window_size`` (a larger minimum could never be reached),
     ``0 < failure_rate_threshold <= 1``, ``consecutive_failures >= 0``,
-    ``slow_call_threshold`` is ``None`` or ``> 0``, ``open_wait >= 0`` (finite) and
-    ``half_open_calls >= 1``.
+    ``slow_call_threshold`` is ``None`` or ``> 0``, ``open_wait >= 0`` (finite),
+    ``half_open_calls >= 1`` and ``0 < probe_delay <= probe_max_delay`` (finite).
     """
 
     window_size: int = 20  # count-based sliding window of the last N calls
@@ -62,8 +77,10 @@ class BreakerConfig:
     failure_rate_threshold: float = 0.5  # open when failures/calls >= threshold (reached: opens)
     consecutive_failures: int = 5  # or after this many failures in a row (0 disables this rule)
     slow_call_threshold: float | None = None  # seconds; a success slower than this is a failure
-    open_wait: float = 30.0  # seconds OPEN before HALF_OPEN
+    open_wait: float = 30.0  # seconds OPEN before HALF_OPEN when no probe succeeded first
     half_open_calls: int = 1  # trial calls let through in HALF_OPEN; all must succeed to close
+    probe_delay: float = 0.5  # seconds OPEN before the first probe; doubles per failed probe
+    probe_max_delay: float = 16.0  # cap of the wait between two probes
 
     def __post_init__(self) -> None:
         if self.window_size < 1:
@@ -90,6 +107,15 @@ class BreakerConfig:
             raise ValueError(f"open_wait must be a finite number >= 0, got {self.open_wait!r}")
         if self.half_open_calls < 1:
             raise ValueError(f"half_open_calls must be >= 1, got {self.half_open_calls!r}")
+        if not (0 < self.probe_delay <= self.probe_max_delay < math.inf):
+            raise ValueError(
+                "need 0 < probe_delay <= probe_max_delay (finite), got "
+                f"{self.probe_delay!r} and {self.probe_max_delay!r}"
+            )
+
+    def probe_wait_after(self, failures: int) -> float:
+        """Seconds between probes after ``failures`` failed probes or reopenings."""
+        return min(self.probe_delay * 2.0 ** min(failures, 64), self.probe_max_delay)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +149,10 @@ class BreakerSnapshot:
 
     ``failure_rate`` is ``None`` while the window holds fewer than ``minimum_calls`` calls
     (no rate decision is made then). ``open_remaining`` is ``math.inf`` when FORCED_OPEN.
-    ``opened_at`` is set in OPEN and FORCED_OPEN only. ``rejected``, ``stale``,
-    ``transitions`` and the ``total_*`` counters run from the breaker's creation.
+    ``opened_at`` is set in OPEN and FORCED_OPEN only; ``probe_in`` (seconds until the
+    next probe may go) in OPEN only, ``probes_failed`` counts the failed probes of the
+    current open period. ``rejected``, ``stale``, ``transitions`` and the ``total_*``
+    counters run from the breaker's creation.
     """
 
     name: str
@@ -141,6 +169,8 @@ class BreakerSnapshot:
     total_calls: int
     total_failures: int
     slow_calls: int
+    probe_in: float | None = None
+    probes_failed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The snapshot as JSON-ready values: the state as its string, and an infinite
@@ -201,6 +231,11 @@ class CircuitBreaker:
         self._total_calls = 0
         self._total_failures = 0
         self._slow_calls = 0
+        # Probing while OPEN: openings since a call last succeeded, failed probes of this
+        # open period, and when the next probe may go.
+        self._streak = 0
+        self._probes_failed = 0
+        self._next_probe_at: float | None = None
 
     # -- queries -------------------------------------------------------------------------
 
@@ -246,8 +281,17 @@ class CircuitBreaker:
             return max(0.0, self.config.open_wait - elapsed)
         return 0.0
 
+    def probe_wait(self) -> float | None:
+        """OPEN: seconds until the next probe may go (0.0: now). Other states: None (FORCED_OPEN
+        is never probed; HALF_OPEN and CLOSED need no probe schedule). Reads :attr:`state`."""
+        if self.state is not BreakerState.OPEN:
+            return None
+        assert self._next_probe_at is not None
+        return max(0.0, self._next_probe_at - self._clock())
+
     def snapshot(self) -> BreakerSnapshot:
         """The breaker's figures now (reads :attr:`state`, like :meth:`open_remaining`)."""
+        probe_in = self.probe_wait()
         state = self.state
         calls = len(self._window)
         rate = self._window_failures / calls if calls >= self.config.minimum_calls else None
@@ -266,6 +310,8 @@ class CircuitBreaker:
             total_calls=self._total_calls,
             total_failures=self._total_failures,
             slow_calls=self._slow_calls,
+            probe_in=probe_in,
+            probes_failed=self._probes_failed if state is BreakerState.OPEN else 0,
         )
 
     # -- calls ---------------------------------------------------------------------------
@@ -293,8 +339,8 @@ class CircuitBreaker:
     def record(self, permit: Permit, *, success: bool, duration: float = 0.0) -> None:
         """Report the outcome of a call made under ``permit``.
 
-        ``success=False`` is a failure of the upstream (transport failure, timeout, a 91 or
-        96 from it); business declines are successes, the caller decides which is which.
+        ``success=False`` is a failure of the link (a timeout, a connection refused, reset
+        or closed); any well-formed answer is a success, whatever it says: the caller decides.
         A success slower than ``slow_call_threshold`` seconds counts as a failure.
 
         A permit from an older generation is ignored and counted in :attr:`stale`: the
@@ -328,7 +374,10 @@ class CircuitBreaker:
         )
         if slow:
             self._slow_calls += 1
-        self._outcome(failed=not success or slow, slow=slow)
+        failed = not success or slow
+        if not failed and not permit.trial:
+            self._streak = 0  # a call went through while closed: the next opening starts over
+        self._outcome(failed=failed, slow=slow)
 
     def release(self, permit: Permit) -> None:
         """Settle a permit whose call was cancelled before any outcome.
@@ -343,11 +392,22 @@ class CircuitBreaker:
         """Report an outcome not tied to a permit (a heartbeat, a connect attempt).
 
         CLOSED/DISABLED: the same as a call's outcome. HALF_OPEN: a failure reopens and a
-        success counts as a trial success (it may close the breaker). OPEN/FORCED_OPEN:
-        ignored (the upstream is not being judged then).
+        success counts as a trial success (it may close the breaker). OPEN: the event is a
+        probe of the link: a success moves to HALF_OPEN at once ("probe succeeded"); a
+        failure puts the next probe further off (see :meth:`probe_wait`). FORCED_OPEN:
+        ignored (an operator decided).
         """
         state = self.state
-        if state in (BreakerState.OPEN, BreakerState.FORCED_OPEN):
+        if state is BreakerState.FORCED_OPEN:
+            return
+        if state is BreakerState.OPEN:
+            now = self._clock()
+            if success:
+                self._transition(BreakerState.HALF_OPEN, "probe succeeded", now)
+            else:
+                self._probes_failed += 1
+                wait = self.config.probe_wait_after(self._streak - 1 + self._probes_failed)
+                self._next_probe_at = now + wait
             return
         self._outcome(failed=not success, slow=False)
 
@@ -359,6 +419,7 @@ class CircuitBreaker:
         Also ends FORCED_OPEN and DISABLED. From CLOSED it only clears the window and the
         consecutive count: no state change, so no transition.
         """
+        self._streak = 0
         if self._state is BreakerState.CLOSED:
             self._clear_window()
             return
@@ -443,6 +504,12 @@ class CircuitBreaker:
             self._opened_at = now
         else:
             self._opened_at = None
+        self._probes_failed = 0
+        self._next_probe_at = None
+        if to_state is BreakerState.OPEN:
+            # Each opening before a call succeeds again waits longer for its first probe.
+            self._streak += 1
+            self._next_probe_at = now + self.config.probe_wait_after(self._streak - 1)
         if to_state is BreakerState.CLOSED:
             self._clear_window()
         if self._on_transition is not None:

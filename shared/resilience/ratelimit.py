@@ -8,6 +8,7 @@ refusal means (an ISO decline, a closed socket, an HTTP 429 with ``Retry-After``
 * :class:`KeyedRateLimiter`: one token bucket per key (an institution, a terminal).
 * :class:`WindowCounter`: at most N events per key in any sliding window (a velocity limit).
 * :class:`ConnectionLimiter`: concurrent connections per source address and in total.
+* :class:`LogThrottle`: at most one log line per key per interval, counting the rest.
 
 The keyed classes keep at most ``max_keys`` keys, dropping the least recently used, so a
 flood of distinct keys cannot grow memory without bound. The price: a dropped key starts
@@ -20,7 +21,7 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-__all__ = ["ConnectionLimiter", "KeyedRateLimiter", "TokenBucket", "WindowCounter"]
+__all__ = ["ConnectionLimiter", "KeyedRateLimiter", "LogThrottle", "TokenBucket", "WindowCounter"]
 
 # Float slack when comparing token counts: (n - tokens) / rate * rate may round down.
 _EPSILON = 1e-9
@@ -321,3 +322,47 @@ class ConnectionLimiter:
     def sources(self) -> int:
         """Distinct sources holding at least one connection."""
         return len(self._by_source)
+
+
+class LogThrottle:
+    """At most one log line per key (a connection) per ``interval`` seconds.
+
+    :meth:`admit` says whether a line may be written now and, when it may, how many lines
+    of that key were held back since its last one (to report them in the line). At most
+    ``max_keys`` keys are kept, the least recently used dropped first (a dropped key may log
+    at once again). ``interval <= 0`` admits every line. Raises :class:`ValueError` when
+    ``max_keys < 1`` or ``interval`` is not finite.
+    """
+
+    __slots__ = ("_clock", "_keys", "interval", "max_keys")
+
+    def __init__(self, interval: float, clock: Callable[[], float], max_keys: int = 4096) -> None:
+        _check_max_keys(max_keys)
+        if not math.isfinite(interval):
+            raise ValueError(f"interval must be finite, got {interval!r}")
+        self.interval = interval
+        self.max_keys = max_keys
+        self._clock = clock
+        # key -> [time of the last line written, lines held back since]
+        self._keys: OrderedDict[str, list[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def admit(self, key: str) -> int | None:
+        """None: hold this line back (counted). Otherwise write it: the value is how many
+        lines of ``key`` were held back since the last one written."""
+        now = self._clock()
+        entry = self._keys.get(key)
+        if entry is None:
+            self._keys[key] = [now, 0]
+            if len(self._keys) > self.max_keys:
+                self._keys.popitem(last=False)
+            return 0
+        self._keys.move_to_end(key)
+        if self.interval > 0 and now - entry[0] < self.interval:
+            entry[1] += 1
+            return None
+        held = int(entry[1])
+        entry[0], entry[1] = now, 0
+        return held

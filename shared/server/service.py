@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
@@ -37,25 +38,41 @@ from shared.iso.validation import validate_request
 from shared.net.iso_link import IsoDialect, IsoFrame, decode_iso_keyed
 from shared.net.pool import LinkDialect, PoolConfig, UpstreamPool
 from shared.net.tcp import FramedServer, InlineHandler
-from shared.net.tls import client_context, server_context
+from shared.net.tls import client_check, client_context, server_context
 from shared.net.upstream import NO_RETRY, AnswerPolicy, Upstream
 from shared.ops.log import get_logger
-from shared.ops.metrics import DatabaseMetrics, ServiceMetrics
+from shared.ops.metrics import DB_FAILURES, DatabaseMetrics, ServiceMetrics
 from shared.ops.settings import Settings
 from shared.resilience.backoff import Backoff
 from shared.resilience.breaker import BreakerConfig
+from shared.resilience.ratelimit import LogThrottle
 from shared.server.admin import health_score, link_routes
 from shared.server.auth import default_tokens_in_use
 from shared.server.fault_api import fault_routes
 from shared.server.http import HealthCheck, serve_http, service_app
 from shared.server.record import MessageRecord, Query, current_request, json_lines, key_of
 from shared.server.record_api import record_routes
-from shared.store.db import DatabaseFault, make_engine, session_factory, upgrade
+from shared.store.db import (
+    DatabaseError,
+    DatabaseFault,
+    connection_transaction,
+    make_engine,
+    session_factory,
+    upgrade,
+)
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
 
-__all__ = ["IsoDialect", "IsoFrame", "IsoService", "Ports", "Service", "decode_iso_keyed"]
+__all__ = [
+    "IsoDialect",
+    "IsoFrame",
+    "IsoService",
+    "Ports",
+    "Service",
+    "database_reason",
+    "decode_iso_keyed",
+]
 
 
 class Dialect(LinkDialect[T_contra], AnswerPolicy[T_contra], Protocol[T_contra]):
@@ -107,6 +124,7 @@ class Service:
             idle_timeout=settings.idle_timeout,
             ssl_context=server_context(settings, self.name),
             handshake_timeout=settings.frame_timeout or 10.0,
+            client_check=client_check(settings, self.name),
             inline=self.inline_handler(),
         )
         #: TLS context of this service's upstream links (None: plain TCP).
@@ -127,6 +145,8 @@ class Service:
                 waiting=lambda: self._db_limiter.statistics().tasks_waiting,
             )
         )
+        #: The last failed database call: (trio time, reason), for /health.
+        self._db_failure: tuple[float, str] | None = None
         self._http_stop = trio.Event()
         self._http_done = trio.Event()
         self._server_done = trio.Event()
@@ -166,11 +186,16 @@ class Service:
 
     async def in_db_thread(self, fn: Callable[..., R], *args: Any) -> R:
         """Run a synchronous database call in a worker thread, one at a time (its wait,
-        duration and failure go to the ``paylab_db_*`` metrics)."""
-        if self.db_metrics is None:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
-        call = self.db_metrics.instrument(fn, *args)
-        return await trio.to_thread.run_sync(call, limiter=self._db_limiter)
+        duration and failure go to the ``paylab_db_*`` metrics; a failure also makes
+        ``/health`` report the database failing for ``db_failure_hold`` seconds)."""
+        try:
+            if self.db_metrics is None:
+                return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
+            call = self.db_metrics.instrument(fn, *args)
+            return await trio.to_thread.run_sync(call, limiter=self._db_limiter)
+        except DB_FAILURES as exc:
+            self._db_failure = (trio.current_time(), database_reason(exc))
+            raise
 
     def _db_connections_in_use(self) -> float:
         """Connections checked out of the engine's pool (0 before the database is open)."""
@@ -178,12 +203,23 @@ class Service:
         return float(checkedout()) if checkedout is not None else 0.0
 
     async def _database_check(self) -> tuple[bool, str]:
+        """Ready when a write can be made now (:func:`_write_probe`) and no database call
+        failed in the last ``db_failure_hold`` seconds: a full disk fails writes while
+        reads (and ``SELECT 1``) still work."""
         if self.engine is None:
             return False, "not open"
-        ok = await self.in_db_thread(_ping, self.engine)
-        if not ok and self.db_metrics is not None:
-            self.db_metrics.errors.inc()
-        return ok, f"{self.engine.dialect.name} {'reachable' if ok else 'unreachable'}"
+        dialect = self.engine.dialect.name
+        failed = await self.in_db_thread(_write_probe, self.engine, self.name)
+        if failed is not None:
+            if self.db_metrics is not None:
+                self.db_metrics.errors.inc()
+            return False, f"{dialect} not writable: {failed}"
+        if self._db_failure is not None:
+            at, reason = self._db_failure
+            age = trio.current_time() - at
+            if age < self.settings.db_failure_hold:
+                return False, f"{dialect}: a database call failed {age:.1f} s ago: {reason}"
+        return True, f"{dialect} writable"
 
     def routes(self) -> Sequence[BaseRoute]:
         """Extra HTTP routes beside /health and /metrics."""
@@ -363,13 +399,26 @@ def _append_text(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _ping(engine: Engine) -> bool:
+def database_reason(exc: BaseException) -> str:
+    """A short, loggable reason of a database failure: the driver's message, without the
+    SQL statement and parameters SQLAlchemy adds (they may hold data)."""
+    orig = getattr(exc, "orig", None)
+    text_ = str(orig if orig is not None else exc).strip().splitlines()
+    return (text_[0] if text_ else type(exc).__name__)[:200]
+
+
+def _write_probe(engine: Engine, service: str) -> str | None:
+    """A cheap write: rewrite the one row of the service's schema version table
+    (``alembic_version_<service>``) with its own value in a write transaction (``BEGIN
+    IMMEDIATE`` on SQLite), and commit it. None when it worked, else why not (read-only or
+    full disk, lock held too long, database away)."""
+    table = f"alembic_version_{service}"
     try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        return True
-    except Exception:
-        return False
+        with connection_transaction(engine, write=True) as conn:
+            conn.execute(text(f'UPDATE "{table}" SET version_num = version_num'))
+    except Exception as exc:
+        return database_reason(exc)
+    return None
 
 
 async def _link_check(link: Upstream[Any]) -> tuple[bool, str]:
@@ -413,6 +462,9 @@ def breaker_config(s: Settings) -> BreakerConfig:
         slow_call_threshold=s.breaker_slow_call or None,
         open_wait=s.breaker_open_wait,
         half_open_calls=s.breaker_half_open_calls,
+        # While open, the link is probed at the pace of the reconnect backoff.
+        probe_delay=s.reconnect_base_delay,
+        probe_max_delay=max(s.reconnect_max_delay, s.reconnect_base_delay),
     )
 
 
@@ -435,12 +487,19 @@ class IsoService(Service):
     an undecodable frame is logged (never its content) and counted, and gets no answer
     (there is no MTI or STAN to answer to); a decodable but invalid request, including
     one of an MTI paylab does not handle (e.g. 0100), gets its response MTI with field
-    39 = 30; a response MTI sent to a server is counted and dropped; the connection stays
-    open in every case.
+    39 = 30; a response MTI sent to a server is counted and dropped; a storage failure
+    while dispatching (:class:`~shared.db.DatabaseError`, SQLAlchemy's errors) is logged
+    and answered 91; the connection stays open in every case.
     """
 
     #: Financial requests on this listener must carry a MAC (acquirer-to-gateway link).
     require_mac = False
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        # One undecodable_frame line per connection per interval: a peer sending garbage
+        # is counted frame by frame, but cannot fill the log.
+        self._undecodable_log = LogThrottle(settings.undecodable_log_interval, trio.current_time)
 
     async def handle(self, payload: bytes, peer: str) -> bytes | None:
         start = trio.current_time()
@@ -451,7 +510,15 @@ class IsoService(Service):
             if record.enabled:
                 record.undecodable("in", peer, len(payload), time.monotonic(), time.time())
             self.metrics.frames_rejected.labels("undecodable").inc()
-            self.log.warning("undecodable_frame", peer=peer, size=len(payload), reason=str(exc))
+            held = self._undecodable_log.admit(peer)
+            if held is not None:
+                self.log.warning(
+                    "undecodable_frame",
+                    peer=peer,
+                    size=len(payload),
+                    reason=str(exc)[:200],
+                    held_back=held,
+                )
             return None
         mti = msg.get("t", "")
         if record.enabled:
@@ -474,7 +541,12 @@ class IsoService(Service):
                 self.log.debug("invalid_request_fields", message=codec.redact(msg))
                 response = make_response(msg, RC.FORMAT_ERROR)
             else:
-                response = await self.dispatch(IsoFrame(payload, msg), peer)
+                try:
+                    response = await self.dispatch(IsoFrame(payload, msg), peer)
+                except (DatabaseError, SQLAlchemyError) as exc:
+                    # Nothing could be recorded: "inoperative, try later", never silence.
+                    self.log.error("database_unavailable", mti=mti, error=database_reason(exc))
+                    response = make_response(msg, RC.ISSUER_INOPERATIVE)
             response = await self.finish(msg, response)
             out = codec.encode(response)
         finally:
