@@ -18,7 +18,8 @@ def _show_breakers(items: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table()
-    for col in ("upstream", "state", "calls", "failures", "failure rate", "open for", "rejected"):
+    # "retry in": the time left open before a half-open trial (it counts down).
+    for col in ("upstream", "state", "calls", "failures", "failure rate", "retry in", "rejected"):
         # The name and state are what the reader (or a script) is after: never cut short.
         table.add_column(col, no_wrap=col in ("upstream", "state"))
     for b in items:
