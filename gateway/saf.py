@@ -87,7 +87,7 @@ from shared.iso.messages import (
 )
 from shared.iso.messages import idempotency_key as message_key
 from shared.iso.messages import original_key as reversal_original_key
-from shared.store.db import DatabaseError, transaction
+from shared.store.db import DatabaseError, transaction, utc_iso
 from shared.store.vault import Vault, VaultError
 
 __all__ = [
@@ -335,7 +335,7 @@ class NewEntry:
 
 
 def _iso(value: object) -> object:
-    return value.isoformat() if isinstance(value, datetime) else value
+    return utc_iso(value) if isinstance(value, datetime) else value
 
 
 @dataclass(frozen=True, slots=True)
