@@ -5,6 +5,7 @@ from a running gateway."""
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -497,3 +498,4 @@ def test_top_shows_p50_and_p95_of_real_histograms() -> None:
     assert gw.p95 is not None and 0.1 <= gw.p95 <= 0.5
     text = frame(view)
     assert "latency 0200 at the gateway p50" in text and "p95" in text
+    assert re.search(r" p50 [\d.]+ms p95 [\d.]+ms ", summary_line(view))

@@ -51,8 +51,9 @@ def reset(
     busy = listening_ports(s.host, ports)
     if busy:
         fail(
-            f"a network is still running (port {', '.join(map(str, busy))} answers on "
-            f"{s.host}): stop it first (Ctrl-C in its terminal), then reset"
+            f"a network is still running ({'ports' if len(busy) > 1 else 'port'} "
+            f"{', '.join(map(str, busy))} of {s.host} answer{'' if len(busy) > 1 else 's'}): "
+            "stop it first (Ctrl-C in its terminal), then reset"
         )
     if not data_dir.exists():
         out.print(f"{data_dir} does not exist: nothing to reset; `paylab up --chaos` starts afresh")

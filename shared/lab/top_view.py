@@ -214,6 +214,10 @@ def summary_line(view: View, caption: str | None = None, elapsed: float | None =
         f" declined {view.declines(interval=True)}/{view.declines(interval=False)}"
         f" stand-in {_count(view.standin_interval)}/{_count(view.standin_total)}"
     )
+    measured = [row for row in view.latency if row.count]
+    if measured:
+        row = measured[0]
+        parts.append(f"p50 {_ms(row.p50)} p95 {_ms(row.p95)}".replace(" ms", "ms"))
     breakers = [f"{link.upstream}:{link.breaker}" for link in view.links if link.owner == "gateway"]
     if breakers:
         parts.append("breakers " + ",".join(breakers))
