@@ -6,8 +6,11 @@ and every timestamp of the API records and the queue in UTC with its offset."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -190,3 +193,42 @@ def test_lab_reset_keeps_a_directory_that_is_not_paylab_data(
     done = lab.cli("lab", "reset", "--data-dir", str(other))
     assert done.returncode == 1 and "holds no paylab database" in done.stderr
     assert (other / "notes.txt").exists()
+
+
+def test_locust_reports_leave_no_untracked_files() -> None:
+    """The loadtests README writes reports under reports/: git ignores them."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    done = subprocess.run(
+        ["git", "check-ignore", "reports/run1_stats.csv", "var/labs/lab5_stats.csv"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["reports/run1_stats.csv", "var/labs/lab5_stats.csv"]
+
+
+def test_skipped_postgres_tests_are_one_summary_line() -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "PAYLAB_TEST_POSTGRES_URL"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_postgres_network.py",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout
+    lines = [line for line in done.stdout.splitlines() if "PAYLAB_TEST_POSTGRES_URL" in line]
+    assert len(lines) == 1 and lines[0].startswith("skipped "), done.stdout
