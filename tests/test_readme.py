@@ -181,6 +181,12 @@ def _check_answer(command: str, stdout: str) -> None:
         assert "already reversed" in json.loads(stdout)["error"], stdout
     if command.startswith("paylab txn"):
         assert "gateway journal" in stdout, stdout
+    if command == "paylab links":
+        # An error rate in %, as the other views show rates.
+        rates = re.findall(r"error rate (\S+)", stdout)
+        assert rates and all(re.fullmatch(r"\d+%|-", r) for r in rates), stdout
+    if command.startswith("paylab breaker status"):
+        assert "retry in" in stdout and "open for" not in stdout, stdout
 
 
 def _long_running(shell: Shell, command: str, tmp_path: Path) -> None:
