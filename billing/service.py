@@ -24,8 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing.ledger import LedgerGuard, LedgerLost, Start, open_ledger
 from billing.models import CARD_ACTIVE, Bill
-from billing.store import (
-    BillingStore,
+from billing.posting import (
     CardRef,
     InquiryResult,
     PaymentRequest,
@@ -33,6 +32,7 @@ from billing.store import (
     ReversalRequest,
     StoredResponse,
 )
+from billing.store import BillingStore
 from hsm.client import HsmClient, HsmCommandFailed, HsmDialect, decode_hsm_keyed
 from hsm.keyfile import KeyFile, load_key_file
 from shared import crypto

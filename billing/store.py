@@ -1,21 +1,12 @@
-"""Posting logic of the billing host: every bill payment is posted exactly once.
+"""The billing host's ledger store: every bill payment is posted exactly once.
 
-:class:`BillingStore` is plain synchronous code over a ``sessionmaker``; the ISO-8583 handler
-calls it from a worker thread. Each public method is one database transaction and returns a
-frozen dataclass. Business outcomes (declines) are *returned* as response codes, never raised;
-only infrastructure failures raise, as :class:`shared.store.db.DatabaseError`. Malformed arguments
-(an MTI the method does not handle, an over-long key) are programming errors and raise
-``ValueError``.
-
-Idempotency
-    Every request that can change something (payment, advice, reversal, a decline decided by
-    the handler) is recorded in ``processed_requests`` under its idempotency key together with
-    a digest of its business content and its first outcome, approval or decline. A repeat with
-    the same key and digest gets that outcome back (``replayed=True``) and changes nothing; the
-    same key with a different digest is answered ``94`` (duplicate transmission), which is not
-    stored, so the original answer stays replayable. The digest must therefore cover the
-    business content only, not the MTI's repeat flag (``0221`` repeating ``0220``, ``0421``
-    repeating ``0420``) nor transmission times. Inquiries change nothing and are not recorded.
+The rules it applies (what a payment, a repeat, a reversal decides) are pure, in
+:mod:`billing.posting`. :class:`BillingStore` is plain synchronous code over a
+``sessionmaker``; the ISO-8583 handler calls it from a worker thread. Each public method is
+one database transaction and returns a frozen dataclass. Business outcomes (declines) are
+*returned* as response codes, never raised; only infrastructure failures raise, as
+:class:`shared.store.db.DatabaseError`. Malformed arguments (an MTI the method does not
+handle, an over-long key) are programming errors and raise ``ValueError``.
 
 Concurrency
     On SQLite write transactions start with ``BEGIN IMMEDIATE`` and are serialized. On
@@ -24,21 +15,15 @@ Concurrency
     collide on a unique constraint, and the loser rolls back and returns the winner's stored
     outcome. Locks are always taken bill first, then posting, so payments and reversals cannot
     deadlock each other.
-
-Response codes (strings, from the project's response-code table): ``00`` approved, ``12``
-invalid transaction, ``13`` invalid amount, ``14`` no such card, ``25`` unable to locate
-record, ``55`` wrong PIN, ``88`` bill already paid, ``94`` duplicate transmission.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
-from typing import Final, NamedTuple, Protocol, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -49,10 +34,7 @@ from billing.models import (
     BILL_OPEN,
     BILL_PAID,
     CARD_ACTIVE,
-    POSTING_POSTED,
     POSTING_REVERSED,
-    SOURCE_ADVICE,
-    SOURCE_ONLINE,
     Bill,
     Card,
     Customer,
@@ -61,243 +43,42 @@ from billing.models import (
     ProcessedRequest,
     utcnow,
 )
-from shared.iso.codes import RC
+from billing.posting import (
+    RC_ALREADY_PAID,
+    RC_APPROVED,
+    RC_DUPLICATE,
+    RC_INVALID_AMOUNT,
+    RC_INVALID_TRANSACTION,
+    RC_UNKNOWN_BILL,
+    REVERSED_BEFORE_POSTING,
+    BillRow,
+    CardRef,
+    InquiryResult,
+    PaymentRequest,
+    PaymentResult,
+    PostingRecord,
+    ReversalRequest,
+    ReversalResult,
+    StoredResponse,
+    check_key,
+    decide,
+    decode_fields,
+    encode_fields,
+    payment_result,
+    posting_row,
+    reversal_result,
+    seen_row,
+)
 from shared.pan import mask_pan
 from shared.store.db import DatabaseError, connection_transaction, engine_of, table_of, transaction
 
-__all__ = [
-    "ADVICE_MTIS",
-    "ONLINE_MTIS",
-    "RC_ALREADY_PAID",
-    "RC_APPROVED",
-    "RC_DUPLICATE",
-    "RC_INVALID_AMOUNT",
-    "RC_INVALID_TRANSACTION",
-    "RC_NO_SUCH_CARD",
-    "RC_REVERSED_REPEAT",
-    "RC_UNKNOWN_BILL",
-    "RC_WRONG_PIN",
-    "REVERSAL_MTIS",
-    "REVERSED_BEFORE_POSTING",
-    "BillingStore",
-    "CardRef",
-    "InquiryResult",
-    "PaymentRequest",
-    "PaymentResult",
-    "PostingRecord",
-    "ReversalRequest",
-    "ReversalResult",
-    "StoredResponse",
-]
+__all__ = ["BillingStore"]
 
-# Plain strings (not the enum members) so they compare, serialize and bind everywhere alike.
-RC_APPROVED: Final[str] = RC.APPROVED.value
-RC_INVALID_TRANSACTION: Final[str] = RC.INVALID_TRANSACTION.value
-RC_INVALID_AMOUNT: Final[str] = RC.INVALID_AMOUNT.value
-RC_NO_SUCH_CARD: Final[str] = RC.NO_SUCH_CARD.value
-RC_UNKNOWN_BILL: Final[str] = RC.UNKNOWN_BILL.value
-RC_WRONG_PIN: Final[str] = RC.WRONG_PIN.value
-RC_ALREADY_PAID: Final[str] = RC.BILL_ALREADY_PAID.value
-RC_DUPLICATE: Final[str] = RC.DUPLICATE.value
-
-ONLINE_MTIS: Final = frozenset({"0200"})
-ADVICE_MTIS: Final = frozenset({"0220", "0221"})
-REVERSAL_MTIS: Final = frozenset({"0420", "0421"})
-
-#: The answer to a repeat of a payment whose posting has been reversed: ``12`` (invalid
-#: transaction), as for a payment whose reversal arrived first (the tombstone below). Both
-#: mean "this transaction was reversed": it can never be approved again, and its approval is
-#: never replayed. See docs/message-spec.md.
-RC_REVERSED_REPEAT: Final[str] = RC_INVALID_TRANSACTION
-
-#: ``request_digest`` of the tombstone stored under a payment's key when its reversal arrived
-#: first. It matches any digest: whatever the late payment looks like, it replays the ``12``.
-REVERSED_BEFORE_POSTING: Final = "reversed-before-posting"
-
-_MAX_KEY_LENGTH: Final = 64
 # A unique violation means a concurrent transaction won; the next attempt replays its outcome.
 # More than one retry is only needed if that winner itself rolled back in between.
 _ATTEMPTS: Final = 3
 
 _T = TypeVar("_T")
-
-
-# --------------------------------------------------------------------------------------------
-# Results and requests
-
-
-@dataclass(frozen=True, slots=True)
-class CardRef:
-    """What the handler needs to verify a card's PIN; never the PAN itself."""
-
-    card_id: int
-    customer_id: int
-    pan_masked: str
-    pvki: str
-    pvv: str
-    #: ``"active"`` or ``"blocked"``; the handler decides what a blocked card gets.
-    status: str
-
-
-@dataclass(frozen=True, slots=True)
-class StoredResponse:
-    """An outcome recorded in ``processed_requests`` (or the ``94`` answer to a clash with one).
-
-    ``replayed`` is True when the outcome was recorded by an earlier request and is returned
-    again; False when it was recorded just now (:meth:`BillingStore.record_decline`) or for a
-    ``94``, which answers a key reused with different content and is never stored.
-    """
-
-    idempotency_key: str
-    mti: str
-    code: str
-    fields: Mapping[str, object]
-    replayed: bool
-
-
-@dataclass(frozen=True, slots=True)
-class InquiryResult:
-    """Answer to a bill inquiry. Amount, currency, biller and name are None for ``25``."""
-
-    code: str
-    bill_number: str
-    amount_due: int | None
-    currency: str | None
-    biller: str | None
-    customer_name: str | None
-
-    @property
-    def approved(self) -> bool:
-        return self.code == RC_APPROVED
-
-
-def _check_key(name: str, value: str) -> None:
-    if not value or len(value) > _MAX_KEY_LENGTH:
-        raise ValueError(f"{name} must be 1..{_MAX_KEY_LENGTH} characters, got {value!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class PaymentRequest:
-    """A bill payment: an online request (``0200``) or an advice (``0220``/``0221``).
-
-    ``pan_hash`` is the keyed hash of the PAN and ``pan_masked`` its masked form; the clear PAN
-    never reaches the store.
-    """
-
-    idempotency_key: str
-    request_digest: str
-    bill_number: str
-    amount: int
-    currency: str
-    rrn: str
-    stan: str
-    terminal_id: str
-    acquirer_id: str
-    pan_hash: str
-    pan_masked: str
-    mti: str
-
-    def __post_init__(self) -> None:
-        _check_key("idempotency_key", self.idempotency_key)
-        _check_key("request_digest", self.request_digest)
-        if self.mti not in ONLINE_MTIS | ADVICE_MTIS:
-            raise ValueError(f"not a payment MTI: {self.mti!r}")
-
-    @property
-    def is_advice(self) -> bool:
-        return self.mti in ADVICE_MTIS
-
-
-@dataclass(frozen=True, slots=True)
-class PaymentResult:
-    """Outcome of :meth:`BillingStore.pay`.
-
-    ``amount`` and ``currency`` echo the request; ``amount_due``, ``biller`` and
-    ``customer_name`` describe the bill when it exists; ``posting_id`` is set for ``00`` only.
-    ``replayed`` is True when this is the stored outcome of an earlier identical request (or
-    the ``12`` tombstone of a reversal that arrived first): nothing was posted this time.
-    ``fields`` is the recorded response object itself (keys ``bill_number``, ``amount``,
-    ``currency``, ``amount_due``, ``biller``, ``customer_name``, ``posting_id`` as far as
-    known); it is empty for a ``94``.
-    """
-
-    code: str
-    bill_number: str
-    amount: int
-    currency: str
-    amount_due: int | None
-    biller: str | None
-    customer_name: str | None
-    posting_id: int | None
-    replayed: bool
-    fields: Mapping[str, object]
-
-    @property
-    def approved(self) -> bool:
-        return self.code == RC_APPROVED
-
-
-@dataclass(frozen=True, slots=True)
-class ReversalRequest:
-    """A reversal (``0420``/``0421``) of the payment whose idempotency key is ``original_key``."""
-
-    idempotency_key: str
-    request_digest: str
-    original_key: str
-    amount: int
-    mti: str
-
-    def __post_init__(self) -> None:
-        _check_key("idempotency_key", self.idempotency_key)
-        _check_key("request_digest", self.request_digest)
-        _check_key("original_key", self.original_key)
-        if self.mti not in REVERSAL_MTIS:
-            raise ValueError(f"not a reversal MTI: {self.mti!r}")
-        if self.idempotency_key == self.original_key:
-            # The reversal's replay check would return the payment's own recorded answer.
-            raise ValueError("a reversal needs a key of its own, distinct from original_key")
-
-
-@dataclass(frozen=True, slots=True)
-class ReversalResult:
-    """Outcome of :meth:`BillingStore.reverse`; ``bill_number`` and ``posting_id`` if found.
-
-    ``fields`` is the recorded response object (keys ``original_key``, ``amount`` and, when a
-    posting was found, ``bill_number`` and ``posting_id``).
-    """
-
-    code: str
-    original_key: str
-    amount: int
-    bill_number: str | None
-    posting_id: int | None
-    replayed: bool
-    fields: Mapping[str, object]
-
-    @property
-    def approved(self) -> bool:
-        return self.code == RC_APPROVED
-
-
-@dataclass(frozen=True, slots=True)
-class PostingRecord:
-    """A row of ``postings``, for tests and reconciliation."""
-
-    id: int
-    bill_number: str
-    amount: int
-    currency: str
-    idempotency_key: str
-    rrn: str
-    stan: str
-    terminal_id: str
-    acquirer_id: str
-    pan_masked: str
-    pan_hash: str
-    source: str
-    status: str
-    created_at: datetime
-    reversed_at: datetime | None
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +118,7 @@ _CARDS_FOR = select(
     _CARD.c.pvv,
     _CARD.c.status,
 ).where(_CARD.c.pan_hash.in_(bindparam("hashes", expanding=True)))
-# Bills with their customer's name (in :class:`_BillRow` order), for inquiries and payments.
+# Bills with their customer's name (in :class:`BillRow` order), for inquiries and payments.
 _BILLS_FOR = (
     select(
         _BILL.c.bill_number,
@@ -413,7 +194,7 @@ class BillingStore:
         """
         with _infrastructure_errors(), connection_transaction(self._engine, write=False) as conn:
             row = conn.execute(_RECORDED_FOR, {"keys": [idempotency_key]}).first()
-        return _seen_row(row, idempotency_key, request_digest)
+        return seen_row(row, idempotency_key, request_digest)
 
     def replay_and_cards(
         self, items: Sequence[tuple[str, str, str]]
@@ -428,7 +209,7 @@ class BillingStore:
         with _infrastructure_errors(), connection_transaction(self._engine, write=False) as conn:
             keys = list({key for key, _, _ in items})
             rows = {row.idempotency_key: row for row in conn.execute(_RECORDED_FOR, {"keys": keys})}
-            seen = [_seen_row(rows.get(key), key, digest) for key, digest, _ in items]
+            seen = [seen_row(rows.get(key), key, digest) for key, digest, _ in items]
             wanted = {h for (_, _, h), s in zip(items, seen, strict=True) if s is None}
             cards = (
                 {
@@ -550,7 +331,7 @@ class BillingStore:
         # sees it paid. Rows are locked in bill-number order, so two batches cannot deadlock.
         numbers = list({r.bill_number for r in requests})
         bills = {
-            row.bill_number: _BillRow(*row)
+            row.bill_number: BillRow(*row)
             for row in conn.execute(_BILLS_FOR_UPDATE, {"numbers": numbers})
         }
 
@@ -563,9 +344,9 @@ class BillingStore:
             key = request.idempotency_key
             row = recorded.get(key)
             if row is not None:
-                seen = _seen_row(row, key, request.request_digest)
+                seen = seen_row(row, key, request.request_digest)
                 assert seen is not None
-                results[index] = _payment_result(
+                results[index] = payment_result(
                     request, seen.code, seen.fields, replayed=seen.replayed
                 )
                 continue
@@ -573,10 +354,10 @@ class BillingStore:
                 repeats.append((index, first_of_key[key]))
                 continue
             first_of_key[key] = index
-            code, fields = _decide(request, bills.get(request.bill_number))
+            code, fields = decide(request, bills.get(request.bill_number))
             if code == RC_APPROVED:
                 bills[request.bill_number].status = BILL_PAID  # later requests see it paid
-                postings.append(_posting_row(request, now))
+                postings.append(posting_row(request, now))
             fresh.append((index, code, fields))
 
         ids: Iterator[int] = iter(())
@@ -591,7 +372,7 @@ class BillingStore:
             request = requests[index]
             if code == RC_APPROVED:
                 fields["posting_id"] = next(ids)
-            encoded = _encode(fields)
+            encoded = encode_fields(fields)
             records.append(
                 {
                     "idempotency_key": request.idempotency_key,
@@ -602,7 +383,7 @@ class BillingStore:
                     "created_at": now,
                 }
             )
-            results[index] = _payment_result(request, code, _decode(encoded), replayed=False)
+            results[index] = payment_result(request, code, decode_fields(encoded), replayed=False)
         if records:
             # A concurrent duplicate key surfaces here, inside the transaction.
             conn.execute(_INSERT_RECORDS, records)
@@ -611,11 +392,11 @@ class BillingStore:
             request, original = requests[index], results[first]
             assert original is not None
             if request.request_digest == requests[first].request_digest:
-                results[index] = _payment_result(
+                results[index] = payment_result(
                     request, original.code, original.fields, replayed=True
                 )
             else:
-                results[index] = _payment_result(
+                results[index] = payment_result(
                     request, RC_DUPLICATE, MappingProxyType({}), replayed=False
                 )
         return [r for r in results if r is not None]
@@ -647,7 +428,7 @@ class BillingStore:
         with transaction(self._sessions, write=True) as session:
             seen = _seen(session, request.idempotency_key, request.request_digest)
             if seen is not None:
-                return _reversal_result(request, seen.code, seen.fields, replayed=seen.replayed)
+                return reversal_result(request, seen.code, seen.fields, replayed=seen.replayed)
 
             fields: dict[str, object] = {
                 "original_key": request.original_key,
@@ -690,7 +471,7 @@ class BillingStore:
             record = _Record(request.idempotency_key, request.request_digest, request.mti)
             stored = _record(session, record, code, fields, self._clock())
             self._check(session.connection())
-            return _reversal_result(request, code, stored, replayed=False)
+            return reversal_result(request, code, stored, replayed=False)
 
     def record_decline(
         self,
@@ -707,13 +488,13 @@ class BillingStore:
         differs. Recording ``00`` this way is refused (``ValueError``): approvals are made by
         :meth:`pay` and :meth:`reverse` only.
         """
-        _check_key("idempotency_key", idempotency_key)
-        _check_key("request_digest", request_digest)
+        check_key("idempotency_key", idempotency_key)
+        check_key("request_digest", request_digest)
         if code == RC_APPROVED or len(code) != 2:
             raise ValueError(f"not a decline code: {code!r}")
         if not (len(mti) == 4 and mti.isdigit()):
             raise ValueError(f"not an MTI: {mti!r}")
-        _encode(fields)  # fail on unserializable fields before touching the database
+        encode_fields(fields)  # fail on unserializable fields before touching the database
 
         def once() -> StoredResponse:
             with transaction(self._sessions, write=True) as session:
@@ -845,44 +626,7 @@ def _retry_on_conflict(attempt: Callable[[], _T]) -> _T:
 
 def _seen(session: Session, key: str, digest: str) -> StoredResponse | None:
     row = session.execute(_RECORDED_FOR, {"keys": [key]}).first()
-    return _seen_row(row, key, digest)
-
-
-class _Recorded(Protocol):
-    """A ``processed_requests`` row: the ORM object or a row of its columns."""
-
-    idempotency_key: str
-    mti: str
-    request_digest: str
-    response_code: str
-    response_json: str
-
-
-def _seen_row(
-    row: _Recorded | None, key: str, digest: str, posting_status: str | None = None
-) -> StoredResponse | None:
-    """The outcome a repeat of ``key`` gets from its ``processed_requests`` row (see replay).
-
-    ``posting_status`` is the status of the posting made under ``key``; when not given, it is
-    read from the row itself (a row of :data:`_RECORDED_FOR`) if it has it. A recorded
-    approval whose posting has been reversed since replays as ``12`` (the transaction was
-    reversed, see :data:`RC_REVERSED_REPEAT`), without an approval code: an approval is
-    only ever replayed for a posting in force.
-    """
-    if row is None:
-        return None
-    if row.request_digest not in (digest, REVERSED_BEFORE_POSTING):
-        return StoredResponse(key, row.mti, RC_DUPLICATE, MappingProxyType({}), replayed=False)
-    fields = _decode(row.response_json)
-    if posting_status is None:
-        posting_status = getattr(row, "posting_status", None)
-    if row.response_code == RC_APPROVED and posting_status == POSTING_REVERSED:
-        kept = {k: v for k, v in fields.items() if k != "posting_id"}
-        kept["reversed"] = True
-        return StoredResponse(
-            row.idempotency_key, row.mti, RC_REVERSED_REPEAT, MappingProxyType(kept), True
-        )
-    return StoredResponse(row.idempotency_key, row.mti, row.response_code, fields, True)
+    return seen_row(row, key, digest)
 
 
 class _Record(NamedTuple):
@@ -897,7 +641,7 @@ def _record(
     session: Session, record: _Record, code: str, fields: Mapping[str, object], now: datetime
 ) -> Mapping[str, object]:
     """Insert the outcome; return the fields as a replay will read them back (JSON round trip)."""
-    encoded = _encode(fields)
+    encoded = encode_fields(fields)
     session.add(
         ProcessedRequest(
             idempotency_key=record.key,
@@ -910,115 +654,7 @@ def _record(
     )
     # Flush now so a concurrent duplicate surfaces inside the transaction, not at commit.
     session.flush()
-    return _decode(encoded)
-
-
-def _encode(fields: Mapping[str, object]) -> str:
-    return json.dumps(dict(fields), sort_keys=True, separators=(",", ":"))
-
-
-def _decode(text: str) -> Mapping[str, object]:
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise DatabaseError(f"processed_requests.response_json is not an object: {text!r}")
-    return MappingProxyType(value)
-
-
-def _opt_int(fields: Mapping[str, object], key: str) -> int | None:
-    value = fields.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _opt_str(fields: Mapping[str, object], key: str) -> str | None:
-    value = fields.get(key)
-    return value if isinstance(value, str) else None
-
-
-def _payment_result(
-    request: PaymentRequest, code: str, fields: Mapping[str, object], *, replayed: bool
-) -> PaymentResult:
-    # Fresh and replayed answers are both built from the recorded fields, so they are equal
-    # but for the flag. Fields a record lacks (94, tombstone) fall back to the request's.
-    amount = _opt_int(fields, "amount")
-    return PaymentResult(
-        code=code,
-        bill_number=_opt_str(fields, "bill_number") or request.bill_number,
-        amount=request.amount if amount is None else amount,
-        currency=_opt_str(fields, "currency") or request.currency,
-        amount_due=_opt_int(fields, "amount_due"),
-        biller=_opt_str(fields, "biller"),
-        customer_name=_opt_str(fields, "customer_name"),
-        posting_id=_opt_int(fields, "posting_id"),
-        replayed=replayed,
-        fields=fields,
-    )
-
-
-def _reversal_result(
-    request: ReversalRequest, code: str, fields: Mapping[str, object], *, replayed: bool
-) -> ReversalResult:
-    amount = _opt_int(fields, "amount")
-    return ReversalResult(
-        code=code,
-        original_key=_opt_str(fields, "original_key") or request.original_key,
-        amount=request.amount if amount is None else amount,
-        bill_number=_opt_str(fields, "bill_number"),
-        posting_id=_opt_int(fields, "posting_id"),
-        replayed=replayed,
-        fields=fields,
-    )
-
-
-@dataclass(slots=True)
-class _BillRow:
-    """What a batch of payments reads of a bill (``status`` changes as the batch posts)."""
-
-    bill_number: str
-    biller: str
-    amount_due: int
-    currency: str
-    status: str
-    customer_name: str | None
-
-
-def _decide(request: PaymentRequest, bill: _BillRow | None) -> tuple[str, dict[str, object]]:
-    """The outcome of one new payment request, and the fields recorded with it."""
-    fields: dict[str, object] = {
-        "bill_number": request.bill_number,
-        "amount": request.amount,
-        "currency": request.currency,
-    }
-    if bill is None:
-        return RC_UNKNOWN_BILL, fields
-    fields |= {
-        "amount_due": bill.amount_due,
-        "biller": bill.biller,
-        "customer_name": bill.customer_name,
-    }
-    if bill.status == BILL_PAID:
-        return RC_ALREADY_PAID, fields
-    if request.amount != bill.amount_due or request.currency != bill.currency:
-        return RC_INVALID_AMOUNT, fields
-    return RC_APPROVED, fields
-
-
-def _posting_row(request: PaymentRequest, now: datetime) -> dict[str, object]:
-    """The ``postings`` row of an approved payment."""
-    return {
-        "bill_number": request.bill_number,
-        "amount": request.amount,
-        "currency": request.currency,
-        "idempotency_key": request.idempotency_key,
-        "rrn": request.rrn,
-        "stan": request.stan,
-        "terminal_id": request.terminal_id,
-        "acquirer_id": request.acquirer_id,
-        "pan_masked": request.pan_masked,
-        "pan_hash": request.pan_hash,
-        "source": SOURCE_ADVICE if request.is_advice else SOURCE_ONLINE,
-        "status": POSTING_POSTED,
-        "created_at": now,
-    }
+    return decode_fields(encoded)
 
 
 def _posting_record(posting: Posting) -> PostingRecord:

@@ -1,6 +1,6 @@
 """The store-and-forward forwarder: delivers queued advices and reversals to billing.
 
-A thin trio shell over :class:`gateway.saf.SafStore` (what is due, in which order, what an
+A thin trio shell over :class:`gateway.saf_store.SafStore` (what is due, in which order, what an
 answer means) and the billing :class:`~shared.net.upstream.Upstream` (how to reach it):
 
 * it waits for the link instead of hammering it: nothing is claimed while billing is
@@ -25,7 +25,8 @@ import trio
 
 from gateway.journal import journal_row
 from gateway.metrics import SafMetrics
-from gateway.saf import Claimed, Outcome, SafState, SafStore, after_attempt
+from gateway.saf_rules import Claimed, Outcome, SafState, after_attempt
+from gateway.saf_store import SafStore
 from shared.errors import DecodeError, UpstreamError
 from shared.iso import codec
 from shared.iso.messages import match_key

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gateway.saf import KIND_ADVICE, KIND_REVERSAL, SafState
+from gateway.saf_rules import KIND_ADVICE, KIND_REVERSAL, SafState
 
 KINDS = (KIND_ADVICE, KIND_REVERSAL)
 

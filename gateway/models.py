@@ -5,7 +5,7 @@ forwarded and the row is completed with the outcome, so an operator (and, later,
 reconciliation) can see what the switch did with each transaction. The PAN is kept as a
 masked copy and a keyed hash only.
 
-The store-and-forward (SAF) queue (:class:`SafEntry`, managed by :mod:`gateway.saf`) holds
+The store-and-forward (SAF) queue (:class:`SafEntry`, managed by :mod:`gateway.saf_store`) holds
 the advices (stand-in approvals) and reversals the gateway owes billing until billing has
 answered them. The message to send is kept sealed (AES-GCM, :mod:`shared.store.vault`); the clear
 columns hold only what operators and the queue's own rules need, never a clear PAN or a PIN

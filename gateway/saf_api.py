@@ -25,7 +25,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.metrics import SafMetrics
-from gateway.saf import SafState, SafStore, SafTransitionError
+from gateway.saf_rules import SafState, SafTransitionError
+from gateway.saf_store import SafStore
 from shared.server.auth import actor_of, audit, audit_stream
 from shared.server.http import json_error
 

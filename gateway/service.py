@@ -39,17 +39,17 @@ from gateway.forwarder import Forwarder
 from gateway.journal import Journal, JournalView, JournalWriter, journal_row
 from gateway.limits import LIMITS, RequestLimits
 from gateway.metrics import SafMetrics
-from gateway.saf import (
+from gateway.saf_api import saf_routes
+from gateway.saf_rules import (
     KIND_ADVICE,
     KIND_REVERSAL,
     ORIGIN_ACQUIRER,
     ORIGIN_GATEWAY,
     NewEntry,
     QueueFull,
-    SafStore,
     SafView,
 )
-from gateway.saf_api import saf_routes
+from gateway.saf_store import SafStore
 from gateway.standin import (
     StandInPolicy,
     advice_of,

@@ -24,7 +24,8 @@ from pathlib import Path
 import trio
 from sqlalchemy import text
 
-from gateway.saf import KIND_ADVICE, NewEntry, SafStore
+from gateway.saf_rules import KIND_ADVICE, NewEntry
+from gateway.saf_store import SafStore
 from gateway.service import GatewayService
 from gateway.standin import advice_of
 from shared.iso import codec

@@ -27,14 +27,14 @@ from sqlalchemy.exc import IntegrityError
 
 from billing.demo_data import DEMO_BILLS, DEMO_CARDS, DEMO_CUSTOMERS
 from billing.models import Base, Bill, Card, Customer, ProcessedRequest
-from billing.store import (
+from billing.posting import (
     REVERSED_BEFORE_POSTING,
-    BillingStore,
     PaymentRequest,
     PaymentResult,
     ReversalRequest,
     ReversalResult,
 )
+from billing.store import BillingStore
 from shared.store.db import DatabaseError, make_engine, session_factory, transaction, upgrade
 from tests.support import DATABASE_BACKENDS, empty_database
 

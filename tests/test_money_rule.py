@@ -25,7 +25,8 @@ from acquirer.service import AcquirerService
 from billing.service import BillingService
 from gateway.journal import Journal, journal_row
 from gateway.models import JournalEntry
-from gateway.saf import NewEntry, SafStore
+from gateway.saf_rules import NewEntry
+from gateway.saf_store import SafStore
 from gateway.service import GatewayService
 from shared.iso import codec
 from shared.iso.messages import idempotency_key

@@ -11,7 +11,8 @@ import pytest
 from billing.models import Bill, Customer, Posting
 from gateway.journal import journal_row
 from gateway.models import JournalEntry
-from gateway.saf import NewEntry, Outcome, SafState, SafStore
+from gateway.saf_rules import NewEntry, Outcome, SafState
+from gateway.saf_store import SafStore
 from shared.iso import codec
 from shared.iso.messages import idempotency_key
 from shared.lab.reconcile.rules import (

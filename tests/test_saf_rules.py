@@ -1,4 +1,4 @@
-"""gateway.saf pure rules: the state machine, repeat MTIs, what follows an attempt."""
+"""gateway.saf_rules: the state machine, repeat MTIs, what follows an attempt."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.saf import (
+from gateway.saf_rules import (
     ALLOWED,
     PRIORITY_ADVICE,
     PRIORITY_REVERSAL,

@@ -1,4 +1,4 @@
-"""gateway.saf.SafStore: the store-and-forward queue table.
+"""gateway.saf_store.SafStore: the store-and-forward queue table.
 
 Every test runs against a SQLite file in ``tmp_path`` and again against PostgreSQL when
 ``PAYLAB_TEST_POSTGRES_URL`` is set; each PostgreSQL test gets a schema of its own (created
@@ -24,7 +24,7 @@ from sqlalchemy import Engine, func, inspect, select, update
 
 from gateway.journal import Journal, journal_row
 from gateway.models import Base, JournalEntry, SafEntry
-from gateway.saf import (
+from gateway.saf_rules import (
     KIND_ADVICE,
     KIND_REVERSAL,
     PRIORITY_ADVICE,
@@ -34,10 +34,10 @@ from gateway.saf import (
     Outcome,
     QueueFull,
     SafState,
-    SafStore,
     SafTransitionError,
     SafView,
 )
+from gateway.saf_store import SafStore
 from shared.iso import codec
 from shared.iso.messages import build_field90, idempotency_key
 from shared.pan import PanHasher, mask_pan

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.saf import SafState, SafView
+from gateway.saf_rules import SafState, SafView
 from shared.store.db import utc_iso
 from tests.proclab import Lab, new_lab, wait_until
 from tests.support import admin_headers

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from billing.models import POSTING_POSTED, POSTING_REVERSED
-from gateway.saf import ORIGIN_ACQUIRER, ORIGIN_GATEWAY, SafState
+from gateway.saf_rules import ORIGIN_ACQUIRER, ORIGIN_GATEWAY, SafState
 from shared.iso.codes import RC
 
 __all__ = [

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from acquirer.models import Transaction
 from billing.models import Posting
 from gateway.models import JournalEntry, SafEntry
-from gateway.saf import KIND_ADVICE, KIND_REVERSAL, ORIGIN_ACQUIRER, ORIGIN_GATEWAY
+from gateway.saf_rules import KIND_ADVICE, KIND_REVERSAL, ORIGIN_ACQUIRER, ORIGIN_GATEWAY
 from shared.iso.messages import (
     MTI_ADVICE,
     MTI_ADVICE_REPEAT,
