@@ -16,6 +16,7 @@ it is recorded as ``unknown`` (the gateway journals its side too).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +50,7 @@ from shared.iso.messages import (
 from shared.ops.settings import Settings
 from shared.server.auth import public
 from shared.server.http import json_error
+from shared.server.record import key_of
 from shared.server.service import IsoDialect, IsoFrame, IsoService, decode_iso_keyed
 from shared.store.db import DatabaseError
 from shared.store.group_commit import GroupCommit
@@ -215,6 +217,9 @@ class AcquirerService(IsoService):
         store = self.store
         assert store is not None
         tx_id = await self.in_db_thread(store.open, kind, msg, original_id)
+        key = key_of(msg)
+        call = _API_CALLS.get(kind, kind)
+        self.record.api("in", "http", call, key, "", time.monotonic(), time.time(), note=tx_id)
         http_status = 200
         details: dict[str, Any]
         code: str
@@ -240,12 +245,20 @@ class AcquirerService(IsoService):
                 status = "unknown"
                 self.log.warning("response_mac_invalid", rrn=msg["37"])
         self.metrics.requests.labels(msg["t"], code).inc()
+        self.record.api("out", "http", call, key, code, time.monotonic(), time.time(), note=tx_id)
         record = await self.in_db_thread(store.complete, tx_id, status, code, details)
         if code == RC.ACTIVITY_LIMIT:
             # The gateway's rate limit: HTTP says so, and when to come back.
             return JSONResponse(record, status_code=429, headers={"Retry-After": "1"})
         return JSONResponse(record, status_code=http_status)
 
+
+#: How the message record names the API call behind each kind of transaction.
+_API_CALLS = {
+    "inquiry": "POST /inquiries",
+    "payment": "POST /payments",
+    "reversal": "POST /payments/{id}/reversal",
+}
 
 #: HTTP status when no answer came: 503 if the gateway could not be reached, 504 if the
 #: request went out and the answer did not come back (the outcome is unknown).

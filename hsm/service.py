@@ -71,6 +71,20 @@ class HsmService(Service):
         start = time.perf_counter()
         result = process_with_result(payload, self.keys)
         elapsed = time.perf_counter() - start
+        record = self.record
+        if record.enabled and not payload.startswith(b"H"):  # heartbeats are not recorded
+            header = payload[:4].decode("ascii", "replace")
+            mono, wall = time.monotonic(), time.time()
+            record.hsm("in", peer, header, result.command, "", mono - elapsed, wall - elapsed)
+            record.hsm(
+                "out",
+                peer,
+                header,
+                result.response[4:6].decode("ascii", "replace"),
+                result.error,
+                mono,
+                wall,
+            )
         self._commands_of(result.command, result.error).inc()
         self.metrics.requests_of(result.command, result.error).inc()
         self._command_duration_of(result.command).observe(elapsed)

@@ -91,3 +91,10 @@ def test_a_wheel_install_runs_the_shipped_scenarios(tmp_path: Path) -> None:
     done = _run([paylab, "scenarios", "run", "01-normal-flow"], work, 120)
     assert "PASS normal flow" in done.stdout, done.stdout
     assert "FAIL" not in done.stdout
+
+    # The templates of `paylab send` and the browser console are package data too.
+    templates = _run([paylab, "send", "--list"], work, 60).stdout
+    for name in ("inquiry", "payment", "advice", "reversal", "echo"):
+        assert name in templates, templates
+    static = Path(purelib) / "shared" / "lab" / "console" / "static"
+    assert sorted(p.name for p in static.iterdir()) == ["app.js", "index.html", "style.css"]

@@ -23,6 +23,7 @@ from shared.cli import (
     chaos,
     config,
     db,
+    decode,
     demo,
     lab,
     lab_reset,
@@ -31,7 +32,9 @@ from shared.cli import (
     reconcile,
     saf,
     scenarios,
+    send,
     top,
+    trace,
     txn,
     up,
 )
@@ -58,6 +61,9 @@ app.command("certs")(certs.certs)
 app.command("config")(config.config)
 app.command("top")(top.top)
 app.command("demo")(demo.demo)
+app.command("trace")(trace.trace)
+app.command("decode")(decode.decode)
+app.command("send")(send.send)
 
 # Command groups.
 app.add_typer(db.app, name="db")

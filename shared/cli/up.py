@@ -84,6 +84,14 @@ def _run_network(names: tuple[str, ...] | None, data_dir: Path | None, chaos: bo
             err.print(
                 f"  [bold]{_self_command()} pay --bill PLN-0001 --amount 150000[/]", soft_wrap=True
             )
+            err.print(
+                f"  then [bold]{_self_command()} trace --last --fields[/] to read every message",
+                soft_wrap=True,
+            )
+        if "gateway" in ports:
+            err.print(
+                f"Console in a browser: http://{settings.host}:{ports['gateway'].http}/console"
+            )
         err.print("Ctrl-C stops the network (in-flight requests are answered first).")
 
     try:

@@ -22,6 +22,8 @@ from shared.ops.settings import SERVICES, Settings
 from shared.server.service import Ports, Service
 
 if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
     from shared.lab.chaos.controller import ChaosController
 
 START_ORDER = ("hsm", "billing", "gateway", "acquirer")
@@ -90,6 +92,8 @@ class Network:
                 self.chaos_port = await nursery.start(self.chaos.run)
             for name in self.names:
                 svc = make_service(name, settings, self.keys)
+                if name == "gateway":
+                    svc.extra_routes.extend(self._console_routes())
                 self.services[name] = svc
                 ports: Ports = await nursery.start(svc.run)
                 self.ports[name] = ports
@@ -98,6 +102,21 @@ class Network:
                     address = await self._chaos_link(nursery, name, svc, settings.host, ports)
                 settings = settings.model_copy(update={f"{name}_address": address})
             task_status.started(dict(self.ports))
+
+    def _console_routes(self) -> Sequence[BaseRoute]:
+        """The browser console on the gateway's HTTP port (``/console``): it reads the
+        services at the ports they really got, or the settings' for those run elsewhere."""
+        from shared.lab.console.routes import console_routes
+
+        s = self.settings
+
+        def urls() -> dict[str, str]:
+            return {
+                n: f"http://{s.host}:{self.ports[n].http if n in self.ports else s.http_port(n)}"
+                for n in SERVICES
+            }
+
+        return console_routes(urls, s.admin_token_read)
 
     async def _chaos_link(
         self, nursery: trio.Nursery, name: str, svc: Service, host: str, ports: Ports

@@ -290,6 +290,17 @@ class Settings(BaseSettings):
     max_in_flight_per_connection: int = Field(
         256, ge=1, description="Requests one connection may have in progress at once."
     )
+    message_record_size: int = Field(
+        20000,
+        ge=0,
+        description="Messages each service keeps in its message record (GET /messages, "
+        "paylab trace): the newest ones, masked; 0 turns the record off.",
+    )
+    message_record_file: bool = Field(
+        False,
+        description="Also append each service's message record, masked, to "
+        "data_dir/messages-<service>.jsonl (JSON lines, written once a second; never rotated).",
+    )
 
     # -- timeouts (seconds) ---------------------------------------------------------------
     hsm_timeout: float = Field(2.0, gt=0, description="Deadline of one HSM command.")

@@ -10,9 +10,11 @@ one nursery; :meth:`stop` drains: stop accepting and reading, answer what is in 
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -21,7 +23,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from shared.errors import DecodeError, ValidationError
+from shared.errors import (
+    DecodeError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    ValidationError,
+)
 from shared.iso import codec
 from shared.iso.codes import RC
 from shared.iso.messages import Message, is_response, make_response
@@ -40,6 +48,8 @@ from shared.server.admin import health_score, link_routes
 from shared.server.auth import default_tokens_in_use
 from shared.server.fault_api import fault_routes
 from shared.server.http import HealthCheck, serve_http, service_app
+from shared.server.record import MessageRecord, Query, current_request, json_lines, key_of
+from shared.server.record_api import record_routes
 from shared.store.db import DatabaseFault, make_engine, session_factory, upgrade
 
 T = TypeVar("T")
@@ -76,6 +86,10 @@ class Service:
         self.log = get_logger(self.name)
         self.metrics = ServiceMetrics(self.name, self.request_mtis)
         self.links: list[Upstream[Any]] = []
+        #: Every message received and sent (``GET /messages``; ``message_record_size``).
+        self.record = MessageRecord(self.name, settings.message_record_size)
+        #: HTTP routes added from outside before :meth:`run` (the lab adds its console).
+        self.extra_routes: list[BaseRoute] = []
         self.ports: Ports | None = None
         self.server = FramedServer(
             self.name,
@@ -209,10 +223,13 @@ class Service:
         ISO-8583 peers, the HSM client's for the HSM.
         """
         s = self.settings
-        pool: UpstreamPool[T] = UpstreamPool(
+        iso = isinstance(dialect, IsoDialect)
+        pool: UpstreamPool[T] = _RecordedPool(
+            self.record,
+            iso,
             name,
             address,
-            decode,
+            _recorded_decode(self.record, name, decode) if iso and self.record.enabled else decode,
             dialect,
             metrics=self.metrics,
             log=self.log,
@@ -240,10 +257,17 @@ class Service:
         await self.prepare()
         async with trio.open_nursery() as nursery:
             await self.start_background(nursery)
+            if self.settings.message_record_file and self.record.enabled:
+                nursery.start_soon(self._write_record_file)
             for link in self.links:
                 await nursery.start(link.run)
             iso_port = await nursery.start(self._run_server)
-            routes = [*link_routes(self.links, self.log), *self.routes()]
+            routes = [
+                *link_routes(self.links, self.log),
+                *record_routes(self.record),
+                *self.routes(),
+                *self.extra_routes,
+            ]
             if self.migrations is not None:
                 routes += fault_routes(self.db_fault, self.log)
             app = service_app(
@@ -267,6 +291,24 @@ class Service:
             self.ports = Ports(iso=iso_port, http=http_port)
             self.log.info("service_started", iso_port=iso_port, http_port=http_port)
             task_status.started(self.ports)
+
+    async def _write_record_file(self) -> None:
+        """Append the record's new entries to ``data_dir/messages-<service>.jsonl`` once a
+        second, and a last time when the service stops (the HTTP listener's stop)."""
+        path = self.settings.data_dir / f"messages-{self.name}.jsonl"
+        since = 0
+        while True:
+            with trio.move_on_after(1.0):
+                await self._http_stop.wait()
+            entries, since = self.record.query(Query(since=since, limit=self.record.size or 1))
+            if entries:
+                text = json_lines(entries)
+                try:
+                    await trio.to_thread.run_sync(_append_text, path, text)
+                except OSError as exc:
+                    self.log.warning("message_record_file_failed", path=str(path), error=str(exc))
+            if self._http_stop.is_set():
+                return
 
     async def _run_server(self, *, task_status: trio.TaskStatus[int]) -> None:
         try:
@@ -312,6 +354,12 @@ class Service:
 
 #: Start-up warnings already given in this process.
 _warned = {"admin_token_default": False}
+
+
+def _append_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _ping(engine: Engine) -> bool:
@@ -395,19 +443,25 @@ class IsoService(Service):
 
     async def handle(self, payload: bytes, peer: str) -> bytes | None:
         start = trio.current_time()
+        record = self.record
         try:
             msg = codec.decode(payload)
         except DecodeError as exc:
+            if record.enabled:
+                record.undecodable("in", peer, len(payload), time.monotonic(), time.time())
             self.metrics.frames_rejected.labels("undecodable").inc()
             self.log.warning("undecodable_frame", peer=peer, size=len(payload), reason=str(exc))
             return None
         mti = msg.get("t", "")
+        if record.enabled:
+            record.iso("in", peer, msg, time.monotonic(), time.time())
         if is_response(mti):
             # A response sent to a server answers nothing of ours; it gets no response.
             self.metrics.frames_rejected.labels("invalid").inc()
             self.log.warning("unexpected_response", peer=peer, mti=mti)
             return None
         self.metrics.in_progress.inc()
+        token = current_request.set(key_of(msg))
         try:
             try:
                 validate_request(msg, require_mac=self.require_mac)
@@ -424,6 +478,9 @@ class IsoService(Service):
             out = codec.encode(response)
         finally:
             self.metrics.in_progress.dec()
+            current_request.reset(token)
+        if record.enabled:
+            record.iso("out", peer, response, time.monotonic(), time.time())
         self.metrics.requests_of(mti, response.get("39", "--")).inc()
         self.metrics.duration_of(mti).observe(trio.current_time() - start)
         return out
@@ -435,3 +492,86 @@ class IsoService(Service):
     async def finish(self, request: Message, response: Message) -> Message:
         """Last step before encoding (the gateway adds its MAC here)."""
         return response
+
+
+def _hsm_code(payload: bytes) -> tuple[str, str]:
+    """(header, command code) of an HSM command: its first 4 and next 2 characters."""
+    return payload[:4].decode("ascii", "replace"), payload[4:6].decode("ascii", "replace")
+
+
+def _recorded_decode(
+    record: MessageRecord,
+    link: str,
+    decode: Callable[[bytes], tuple[Hashable, T]],
+) -> Callable[[bytes], tuple[Hashable, T]]:
+    """``decode`` of an ISO link that also records every answer arriving on ``link``, late
+    ones too (echo answers are left out: the pool sends echoes outside the record)."""
+
+    def recorded(payload: bytes) -> tuple[Hashable, T]:
+        try:
+            key, value = decode(payload)
+        except DecodeError:
+            record.undecodable("in", link, len(payload), time.monotonic(), time.time())
+            raise
+        msg = getattr(value, "msg", None)
+        if msg is not None and not msg.get("t", "").startswith("08"):
+            record.iso("in", link, msg, time.monotonic(), time.time())
+        return key, value
+
+    return recorded
+
+
+class _RecordedPool(UpstreamPool[T]):
+    """A pool that records every request it sends (each attempt: retries are their own
+    entries), tagged with the request being handled for HSM commands."""
+
+    def __init__(self, record: MessageRecord, iso: bool, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._record = record
+        self._iso = iso
+
+    async def call(self, payload: bytes, key: Hashable, timeout: float) -> T:
+        record = self._record
+        if not record.enabled:
+            return await super().call(payload, key, timeout)
+        mono, wall = time.monotonic(), time.time()
+        note = ""
+        try:
+            result = await super().call(payload, key, timeout)
+        except UpstreamTimeout:
+            note = "no answer in time"
+            raise
+        except UpstreamUnavailable as exc:
+            note = "sent, link broke" if exc.sent else f"not sent: {exc}"
+            raise
+        except UpstreamError as exc:
+            note = str(exc)
+            raise
+        finally:
+            self._record_sent(payload, mono, wall, note)
+        if not self._iso:  # the HSM's answer, tagged like its command (ISO: see decode)
+            record.hsm(
+                "in",
+                self.name,
+                str(getattr(result, "header", "")),
+                str(getattr(result, "code", "")),
+                str(getattr(result, "error", "")),
+                time.monotonic(),
+                time.time(),
+                current_request.get(),
+            )
+        return result
+
+    def _record_sent(self, payload: bytes, mono: float, wall: float, note: str) -> None:
+        if self._iso:
+            try:
+                msg = codec.decode(payload)
+            except DecodeError:
+                self._record.undecodable("out", self.name, len(payload), mono, wall)
+                return
+            self._record.iso("out", self.name, msg, mono, wall, note=note)
+        else:
+            header, command = _hsm_code(payload)
+            self._record.hsm(
+                "out", self.name, header, command, "", mono, wall, current_request.get(), note=note
+            )
