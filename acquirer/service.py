@@ -181,6 +181,8 @@ class AcquirerService(IsoService):
             public(Route("/payments", self._post_payment, methods=["POST"])),
             public(Route("/payments/{tx_id}/reversal", self._post_reversal, methods=["POST"])),
             public(Route("/transactions/{tx_id}", self._get_transaction, methods=["GET"])),
+            # By RRN: an operators' lookup (an RRN is guessable, an id is not): admin token.
+            Route("/transactions", self._find_transactions, methods=["GET"]),
         ]
 
     def storage_unavailable(self, exc: BaseException, path: str) -> Response:
@@ -218,10 +220,41 @@ class AcquirerService(IsoService):
         store = self.store
         assert store is not None
         tx_id = request.path_params["tx_id"]
+        payment = await self.in_db_thread(store.get, tx_id)
         original = await self.in_db_thread(store.original_fields, tx_id)
-        if original is None:
+        if payment is None or original is None:
             return json_error(404, f"no payment with id {tx_id}")
+        if payment["status"] == "declined":
+            # Nothing was posted: billing would answer 25 (no such posting), which reads
+            # as an unknown bill although the bill exists.
+            return json_error(
+                409,
+                f"payment {tx_id} was declined ({payment['response_code']} "
+                f"{payment.get('message', '')}): nothing was posted, nothing to reverse",
+                payment=payment,
+            )
+        earlier = await self.in_db_thread(store.approved_reversal, tx_id)
+        if earlier is not None:
+            # Billing would answer a repeat 0420 from its record (00 again); say what it is.
+            return json_error(
+                409,
+                f"payment {tx_id} already reversed: reversal {earlier['id']} "
+                f"(RRN {earlier['rrn']}) approved at {earlier['completed_at']}",
+                already_reversed=True,
+                reversal=earlier,
+            )
         return await self._transact("reversal", self.builder.reversal(original), tx_id)
+
+    @storage_guarded
+    async def _find_transactions(self, request: Request) -> Response:
+        """``GET /transactions?rrn=...``: the records of one RRN, newest first."""
+        store = self.store
+        assert store is not None
+        rrn = request.query_params.get("rrn", "")
+        if not rrn:
+            return json_error(400, "rrn is required, e.g. /transactions?rrn=123456789012")
+        items = await self.in_db_thread(store.find_by_rrn, rrn)
+        return JSONResponse({"items": items})
 
     @storage_guarded
     async def _get_transaction(self, request: Request) -> Response:

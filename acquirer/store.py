@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from acquirer.models import CHANNEL_API, CHANNEL_TERMINAL, Transaction
@@ -25,7 +25,7 @@ from shared.iso.messages import (
     original_key,
 )
 from shared.pan import mask_pan
-from shared.store.db import connection_transaction, engine_of, table_of, transaction
+from shared.store.db import connection_transaction, engine_of, table_of, transaction, utc_iso
 
 _INSERT = insert(table_of(Transaction))
 
@@ -148,6 +148,33 @@ class TransactionStore:
             tx = s.get(Transaction, tx_id)
             return None if tx is None else to_json(tx)
 
+    def find_by_rrn(self, rrn: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The records of RRN ``rrn`` (API and terminal), newest first, as :meth:`get`."""
+        with transaction(self._sessions, write=False) as s:
+            rows = s.scalars(
+                select(Transaction)
+                .where(Transaction.rrn == rrn)
+                .order_by(Transaction.created_at.desc())
+                .limit(limit)
+            )
+            return [to_json(tx) for tx in rows]
+
+    def approved_reversal(self, tx_id: str) -> dict[str, Any] | None:
+        """The approved reversal of payment ``tx_id`` (the latest), as :meth:`get` shows it,
+        or None when it has none: a second reversal is answered from this record."""
+        with transaction(self._sessions, write=False) as s:
+            tx = s.scalars(
+                select(Transaction)
+                .where(
+                    Transaction.original_id == tx_id,
+                    Transaction.kind == "reversal",
+                    Transaction.status == "approved",
+                )
+                .order_by(Transaction.created_at.desc())
+                .limit(1)
+            ).first()
+            return None if tx is None else to_json(tx)
+
     def original_fields(self, tx_id: str) -> dict[str, str] | None:
         """The fields of a recorded payment that a reversal's field 90 needs."""
         with transaction(self._sessions, write=False) as s:
@@ -180,7 +207,7 @@ def to_json(tx: Transaction) -> dict[str, Any]:
         "currency": tx.currency,
         "pan": tx.pan_masked,
         "original_id": tx.original_id,
-        "created_at": tx.created_at.isoformat(),
-        "completed_at": tx.completed_at.isoformat() if tx.completed_at else None,
+        "created_at": utc_iso(tx.created_at),
+        "completed_at": utc_iso(tx.completed_at) if tx.completed_at else None,
         **details,
     }

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Final
@@ -281,7 +281,13 @@ class NewEntry:
 
 
 def _iso(value: object) -> object:
-    return value.isoformat() if isinstance(value, datetime) else value
+    """A datetime in ISO 8601 with its UTC offset (a naive one, as SQLite gives them back, is
+    UTC); any other value as it is."""
+    if not isinstance(value, datetime):
+        return value
+    return (
+        value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    ).isoformat()
 
 
 @dataclass(frozen=True, slots=True)

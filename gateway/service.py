@@ -84,7 +84,7 @@ from shared.ops.settings import Settings
 from shared.pan import PanHasher, account_number_12, mask_pan
 from shared.server.http import json_error
 from shared.server.service import IsoDialect, IsoFrame, IsoService, decode_iso_keyed
-from shared.store.db import DatabaseError
+from shared.store.db import DatabaseError, utc_iso
 from shared.store.vault import Vault
 
 #: payShield key type codes used with M6/M8.
@@ -561,5 +561,5 @@ class GatewayService(IsoService):
 
 def _row_json(row: JournalView) -> dict[str, object]:
     d = asdict(row)
-    d["received_at"] = row.received_at.isoformat()
+    d["received_at"] = utc_iso(row.received_at)
     return d

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -35,3 +36,15 @@ def labs() -> Iterator[list[Lab]]:
     yield labs
     for lab in labs:
         lab.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per skip reason, with its count, instead of one line per skipped test
+    (``-ra`` would print one per location: 76 for the PostgreSQL tests alone)."""
+    counts: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        counts[reason.removeprefix("Skipped: ")] += 1
+    for reason, n in sorted(counts.items()):
+        terminalreporter.write_line(f"skipped {n} test{'s' if n != 1 else ''}: {reason}")

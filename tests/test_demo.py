@@ -209,7 +209,7 @@ async def test_top_once_against_a_running_network(tmp_path: Path, nursery: trio.
             "--billing-url", url["billing"], "--hsm-url", url["hsm"],
         )  # fmt: skip
         assert code == 0, out + err
-        assert "billing down" in out and "! billing: not answering" in out
+        assert "billing down" in out and "! not answering: billing" in out
     finally:
         await net.stop()
 

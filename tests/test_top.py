@@ -5,6 +5,7 @@ from a running gateway."""
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -16,6 +17,8 @@ from shared.lab.top import (
     View,
     compute_view,
     fault_text,
+    histogram_quantile,
+    latency_row,
     parse_metrics,
     parse_seconds,
     total,
@@ -326,7 +329,8 @@ def test_a_service_down_is_shown_down_and_its_figures_unknown() -> None:
     assert not view.all_down
     text = frame(view)
     assert "gateway down" in text and "acquirer down" in text
-    assert "! gateway: not answering" in text
+    assert "! not answering: acquirer, gateway" in text
+    assert "at the -" not in text and "0200 answers (no source answering)" in text
 
 
 def test_everything_down() -> None:
@@ -334,7 +338,11 @@ def test_everything_down() -> None:
     view = compute_view(Snapshot.build(0.0, nothing), Snapshot.build(1.0, nothing))
     assert view.all_down
     assert view.errors == dict.fromkeys(nothing, "not answering")
-    assert "hsm down" in frame(view)
+    text = frame(view)
+    assert "hsm down" in text
+    # Every service is named, the HSM too (not cut at three errors), and no "at the -".
+    assert "! not answering: acquirer, gateway, billing, hsm" in text
+    assert "at the -" not in text
 
 
 def test_zero_interval_gives_no_rates() -> None:
@@ -476,3 +484,44 @@ def test_breakers_of_every_service_complete_their_rows() -> None:
     assert rows[("gateway", "billing")].breaker == "closed"
     line = summary_line(view)
     assert "acquirer/gateway:open" in line and "billing/hsm:half_open" in line
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    inf = float("inf")
+    # 10 requests: 5 under 10 ms, 4 more under 50 ms, 1 over 1 s.
+    buckets = {0.01: 5.0, 0.05: 9.0, 1.0: 9.0, inf: 10.0}
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.01)
+    assert histogram_quantile(0.7, buckets) == pytest.approx(0.01 + 0.04 * 2 / 4)
+    assert histogram_quantile(0.95, buckets) == pytest.approx(1.0)  # the +Inf bucket
+    assert histogram_quantile(0.5, {0.01: 0.0, inf: 0.0}) is None
+    assert histogram_quantile(0.5, {}) is None
+
+
+def test_latency_is_over_the_interval_else_since_start() -> None:
+    inf = float("inf")
+    before = {0.01: 4.0, 0.1: 4.0, inf: 4.0}
+    now = {0.01: 4.0, 0.1: 8.0, inf: 8.0}
+    row = latency_row("x", now, before)
+    assert row.interval and row.count == 4
+    assert row.p50 == pytest.approx(0.055) and row.p95 == pytest.approx(0.0955)
+    idle = latency_row("x", now, now)
+    assert not idle.interval and idle.count == 8
+    assert latency_row("x", {}, {}).count == 0
+
+
+def test_top_shows_p50_and_p95_of_real_histograms() -> None:
+    lab = Lab()
+    before = snap(lab, 0.0)
+    for seconds in (0.004, 0.004, 0.004, 0.02, 0.3):
+        lab.gateway.duration.labels("0200").observe(seconds)
+        lab.acquirer.upstream_duration.labels("gateway").observe(seconds)
+    view = compute_view(before, snap(lab, 1.0))
+    rows = {r.label: r for r in view.latency}
+    assert set(rows) == {"0200 at the gateway", "acquirer → gateway"}
+    gw = rows["0200 at the gateway"]
+    assert gw.interval and gw.count == 5
+    assert gw.p50 is not None and gw.p50 <= 0.005
+    assert gw.p95 is not None and 0.1 <= gw.p95 <= 0.5
+    text = frame(view)
+    assert "latency 0200 at the gateway p50" in text and "p95" in text
+    assert re.search(r" p50 [\d.]+ms p95 [\d.]+ms ", summary_line(view))

@@ -26,6 +26,7 @@ from shared.cli import (
     decode,
     demo,
     lab,
+    lab_reset,
     links,
     payments,
     reconcile,
@@ -34,6 +35,7 @@ from shared.cli import (
     send,
     top,
     trace,
+    txn,
     up,
     version,
 )
@@ -54,6 +56,7 @@ for _name in up.SERVICES:
 app.command("pay")(payments.pay)
 app.command("inquire")(payments.inquire)
 app.command("reverse")(payments.reverse)
+app.command("txn")(txn.txn)
 app.command("links")(links.links)
 app.command("reconcile")(reconcile.reconcile)
 app.command("bench")(bench.bench)
@@ -73,6 +76,7 @@ app.add_typer(bills.app, name="bills")
 app.add_typer(scenarios.app, name="scenarios")
 app.add_typer(chaos.app, name="chaos")
 app.add_typer(lab.app, name="lab")
+lab.app.command("reset")(lab_reset.reset)
 
 
 def main() -> None:

@@ -97,7 +97,8 @@ def _show_breakers(items: Sequence[Mapping[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table()
-    columns = ("breaker", "state", "calls", "failures", "failure rate", "open for", "probe in")
+    # "retry in": the time left open before a half-open trial (it counts down).
+    columns = ("breaker", "state", "calls", "failures", "failure rate", "retry in", "probe in")
     for col in (*columns, "rejected"):
         # The name and state are what the reader (or a script) is after: never cut short.
         table.add_column(col, no_wrap=col in ("breaker", "state"))

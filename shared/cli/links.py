@@ -25,7 +25,7 @@ def links(url: AdminUrl = None, token: AdminToken = None, as_json: JsonOpt = Fal
         out.print(
             f"[bold]{link['name']}[/] breaker {link['breaker']}, "
             f"{link['healthy']}/{link['target']} healthy, in flight {link['in_flight']}, "
-            f"error rate {link['error_rate'] if link['error_rate'] is not None else '-'}"
+            f"error rate {'-' if link['error_rate'] is None else format(link['error_rate'], '.0%')}"
         )
         for c in link["connections"]:
             table.add_row(

@@ -7,9 +7,10 @@ import json
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from billing.demo_data import DEMO_CARD
-from shared.cli.console import fail, load_settings, out
+from shared.cli.console import err, fail, load_settings, out
 from shared.cli.options import JsonOpt, Url
 
 DEMO_PAN, DEMO_PIN = DEMO_CARD.pan, DEMO_CARD.pin
@@ -22,7 +23,12 @@ def _api(url: str | None) -> str:
     return f"http://{s.host}:{s.acquirer_http_port}"
 
 
-def _post(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _post(
+    url: str, path: str, body: dict[str, Any] | None = None, as_json: bool = False
+) -> dict[str, Any]:
+    """POST to the acquirer; its answer. A refusal (400, 404, 422) fails with one line; a
+    conflict (409: a reversal already done, or of a declined payment) is printed as what it
+    is, and the command exits 2, as for any answer that is not an approval."""
     import httpx
 
     settings = load_settings()
@@ -39,6 +45,13 @@ def _post(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, 
     if r.status_code in (400, 404, 422):
         detail = "; ".join(f"{d['field']}: {d['problem']}" for d in data.get("details", []))
         fail(f"{data.get('error', r.status_code)}" + (f" ({detail})" if detail else ""))
+    if r.status_code == 409:
+        if as_json:
+            out.print_json(json.dumps(data))
+        else:
+            label = "ALREADY REVERSED" if data.get("already_reversed") else "NOT SENT"
+            out.print(f"[bold yellow]{label}[/] {escape(str(data.get('error', '')))}")
+        raise typer.Exit(2)
     return data
 
 
@@ -65,15 +78,37 @@ def _show(data: dict[str, Any], as_json: bool) -> None:
 
 def pay(
     bill: Annotated[str, typer.Option(help="Bill number, e.g. PLN-0001.")],
-    amount: Annotated[int, typer.Option(help="Amount in minor units (must match the bill).")],
+    amount: Annotated[
+        int | None,
+        typer.Option(
+            help="Amount in minor units (must match the bill); by default the amount due, "
+            "asked by an inquiry first.",
+            show_default=False,
+        ),
+    ] = None,
     pan: Annotated[str, typer.Option(help="Card number (demo card by default).")] = DEMO_PAN,
     pin: Annotated[str, typer.Option(help="PIN (the demo card's PIN by default).")] = DEMO_PIN,
     url: Url = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Pay a bill through the running acquirer. Exit code 0 only when approved."""
+    """Pay a bill through the running acquirer. Exit code 0 only when approved.
+
+    Without ``--amount`` an inquiry asks the amount due first and a line says what it found
+    (on stderr with ``--json``, so that stdout stays JSON); an inquiry that finds nothing to
+    pay is shown as the outcome (exit 2) and no payment is sent."""
+    api = _api(url)
+    if amount is None:
+        due = _post(api, "/inquiries", {"bill": bill})
+        if not due.get("approved") or not due.get("amount_due"):
+            err.print(f"the inquiry of {bill} found no amount due; nothing was paid")
+            _show(due, as_json)  # exits 2: not approved (88 paid, 25 unknown, 91...)
+            raise typer.Exit(2)  # approved but nothing due
+        amount = int(due["amount_due"])
+        (err if as_json else out).print(
+            f"amount due {amount} for {bill} (from an inquiry, RRN {due.get('rrn')}); paying it"
+        )
     _show(
-        _post(_api(url), "/payments", {"bill": bill, "amount": amount, "pan": pan, "pin": pin}),
+        _post(api, "/payments", {"bill": bill, "amount": amount, "pan": pan, "pin": pin}),
         as_json,
     )
 
@@ -92,5 +127,6 @@ def reverse(
     url: Url = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Reverse a payment made through the acquirer (a 0420)."""
-    _show(_post(_api(url), f"/payments/{transaction_id}/reversal"), as_json)
+    """Reverse a payment made through the acquirer (a 0420). A payment already reversed,
+    or declined (nothing posted), is not sent again: the command says so and exits 2."""
+    _show(_post(_api(url), f"/payments/{transaction_id}/reversal", as_json=as_json), as_json)

@@ -16,6 +16,18 @@ app = typer.Typer(help="The gateway's store-and-forward queue.", no_args_is_help
 _SAF_COLUMNS = ("id", "kind", "state", "mti", "rrn", "terminal_id", "amount", "attempts")
 
 
+def _seconds(stamp: str | None) -> str:
+    """An ISO 8601 time to the second, its offset kept (``2026-12-07T00:22:50+00:00``)."""
+    if not stamp:
+        return "-"
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(stamp).isoformat(timespec="seconds")
+    except ValueError:
+        return stamp
+
+
 def _show_entries(items: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
@@ -26,7 +38,7 @@ def _show_entries(items: list[dict[str, Any]]) -> None:
         table.add_row(
             *(str(e.get(c) if e.get(c) is not None else "-") for c in _SAF_COLUMNS),
             e.get("response_code") or "-",
-            (e.get("created_at") or "")[:19],
+            _seconds(e.get("created_at")),
         )
     out.print(table)
 

@@ -232,6 +232,7 @@ class View:
     saf: SafRow | None
     chaos: Sequence[ChaosRow] | None
     errors: Mapping[str, str]
+    latency: Sequence[LatencyRow] = ()
 
     @property
     def all_down(self) -> bool:
@@ -243,6 +244,81 @@ class View:
 
     def declines(self, *, interval: bool) -> int:
         return sum((r.interval if interval else r.total) for r in self.codes if not r.approved)
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    """p50 and p95 of one histogram, in seconds, over the interval (``interval`` True) or,
+    when the interval saw no request, over the whole run; None when there was none at all."""
+
+    label: str
+    p50: float | None
+    p95: float | None
+    count: int
+    interval: bool
+
+
+#: The latencies ``paylab top`` shows: (label, service, histogram, labels).
+LATENCIES: tuple[tuple[str, str, str, dict[str, str]], ...] = (
+    ("0200 at the gateway", "gateway", "paylab_iso_request_duration_seconds", {"mti": "0200"}),
+    (
+        "acquirer → gateway",
+        "acquirer",
+        "paylab_upstream_call_duration_seconds",
+        {"upstream": "gateway"},
+    ),
+)
+
+
+def _buckets(samples: Samples, name: str, **labels: str) -> dict[float, float]:
+    """Cumulative bucket counts of histogram ``name`` by upper bound, summed over the
+    series matching ``labels``."""
+    out: dict[float, float] = {}
+    for found, value in select(samples, f"{name}_bucket", **labels):
+        bound = float(found.get("le", "+Inf"))
+        out[bound] = out.get(bound, 0.0) + value
+    return out
+
+
+def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
+    """The ``q`` quantile (0..1) of cumulative ``buckets`` ({upper bound: count}), linearly
+    interpolated inside its bucket as Prometheus does; the highest finite bound when it
+    falls in the +Inf bucket; None when the buckets count nothing."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            if count == below:
+                return bound
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return lower
+
+
+def latency_row(
+    label: str, now: Mapping[float, float], before: Mapping[float, float]
+) -> LatencyRow:
+    """The row of one histogram from its buckets now and at the start of the interval."""
+    delta = {b: _increase(v, before.get(b)) for b, v in now.items()}
+    top = max(delta) if delta else None
+    if top is not None and delta[top] > 0:
+        buckets, interval = delta, True
+    else:
+        buckets, interval = dict(now), False
+    count = int(buckets[max(buckets)]) if buckets else 0
+    return LatencyRow(
+        label,
+        histogram_quantile(0.5, buckets),
+        histogram_quantile(0.95, buckets),
+        count,
+        interval,
+    )
 
 
 def _increase(now: float, before: float | None) -> float:
@@ -511,7 +587,19 @@ def compute_view(before: Snapshot, now: Snapshot, *, chaos_expected: bool = Fals
     if not chaos_expected:
         errors.pop("chaos", None)
 
+    latency = []
+    for label, service, name, labels in LATENCIES:
+        samples = now.metrics.get(service)
+        if samples is not None:
+            prev = before.metrics.get(service) or {}
+            latency.append(
+                latency_row(
+                    label, _buckets(samples, name, **labels), _buckets(prev, name, **labels)
+                )
+            )
+
     return View(
+        latency=latency,
         interval=dt,
         services=services,
         tps=tps,

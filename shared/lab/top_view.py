@@ -58,10 +58,35 @@ def _traffic_lines(view: View) -> list[Text]:
     return [tps, answers]
 
 
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    ms = seconds * 1000
+    return f"{ms:.1f} ms" if ms < 10 else f"{ms:.0f} ms"
+
+
+def _latency_line(view: View) -> Text:
+    """p50/p95 per measured hop, over the interval (or the whole run, marked so)."""
+    line = Text("latency ", style="bold")
+    if not view.latency:
+        line.append("- (acquirer and gateway not answering)", style="red")
+        return line
+    parts = []
+    for row in view.latency:
+        if row.count == 0:
+            parts.append(f"{row.label} - (no requests yet)")
+        else:
+            since = "" if row.interval else " since start"
+            parts.append(f"{row.label} p50 {_ms(row.p50)} p95 {_ms(row.p95)}{since}")
+    line.append("  ".join(parts))
+    return line
+
+
 def _codes_table(view: View) -> Table:
-    source = view.codes_source or "-"
+    source = view.codes_source
+    title = f"0200 answers at the {source}" if source else "0200 answers (no source answering)"
     table = Table(
-        title=f"0200 answers at the {source}",
+        title=title,
         title_justify="left",
         title_style="bold",
         box=None,
@@ -151,13 +176,31 @@ def render(view: View, caption: str | None = None) -> RenderableType:
     parts: list[RenderableType] = [_services_line(view)]
     if caption:
         parts.append(Text(caption, style="bold cyan"))
-    parts += [*_traffic_lines(view), _codes_table(view), _links_table(view), _saf_line(view)]
+    parts += [
+        *_traffic_lines(view),
+        _latency_line(view),
+        _codes_table(view),
+        _links_table(view),
+        _saf_line(view),
+    ]
     other = _other_chaos(view)
     if other is not None:
         parts.append(other)
-    for source, message in sorted(view.errors.items())[:3]:
-        parts.append(Text(f"! {source}: {message}", style="red", overflow="ellipsis", no_wrap=True))
+    parts += error_lines(view)
     return Group(*parts)
+
+
+def error_lines(view: View, limit: int = 3) -> list[Text]:
+    """One line naming every service that does not answer (all of them, the HSM too),
+    then up to ``limit`` other errors (an admin endpoint, the chaos controller)."""
+    lines = []
+    down = [name for name, up in view.services.items() if not up]
+    if down:
+        lines.append(Text(f"! not answering: {', '.join(down)}", style="bold red"))
+    others = [(s, m) for s, m in sorted(view.errors.items()) if s not in down]
+    for source, message in others[:limit]:
+        lines.append(Text(f"! {source}: {message}", style="red", overflow="ellipsis", no_wrap=True))
+    return lines
 
 
 def summary_line(view: View, caption: str | None = None, elapsed: float | None = None) -> str:
@@ -171,6 +214,10 @@ def summary_line(view: View, caption: str | None = None, elapsed: float | None =
         f" declined {view.declines(interval=True)}/{view.declines(interval=False)}"
         f" stand-in {_count(view.standin_interval)}/{_count(view.standin_total)}"
     )
+    measured = [row for row in view.latency if row.count]
+    if measured:
+        row = measured[0]
+        parts.append(f"p50 {_ms(row.p50)} p95 {_ms(row.p95)}".replace(" ms", "ms"))
     breakers = [
         f"{link.owner}/{link.upstream}:{link.breaker}" for link in view.links if link.breaker
     ]

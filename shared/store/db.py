@@ -30,6 +30,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -88,6 +89,17 @@ class DatabaseError(PaylabError):
     stores, so callers have one type to catch and turn into a "system malfunction" answer.
     Business outcomes (declines) are never reported through this exception.
     """
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` in UTC. A naive value is taken as UTC: every timestamp paylab stores is UTC,
+    and SQLite gives a timezone-aware column back without its zone."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utc_iso(value: datetime) -> str:
+    """ISO 8601 in UTC with its offset (``2026-12-07T00:22:50.579191+00:00``), naive or not."""
+    return as_utc(value).isoformat()
 
 
 def is_sqlite(engine: Engine) -> bool:
