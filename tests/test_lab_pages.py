@@ -227,7 +227,10 @@ def test_lab2_and_3_print_what_their_pages_quote(network: LabNetwork) -> None:
     1 to 4 (a partition, stand-in, the queue), 5 (the heal) and 6 (reconcile)."""
     assert run_steps(network, "02-circuit-breaker.md", [1, 2, 3, 4]) >= 3
     assert "retry in" in network.run("paylab breaker status")
-    network.run("paylab chaos database billing --up && paylab breaker reset billing")
+    network.run(
+        "paylab chaos database billing --up && paylab chaos heal all "
+        "&& paylab breaker reset billing"
+    )
     wait_until(network.links, lambda links: links.get("billing") == 2, timeout=30, step=0.2)
     assert run_steps(network, "03-store-and-forward.md", [1, 2, 3, 4, 5]) >= 2
     wait_until(
