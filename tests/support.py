@@ -34,6 +34,17 @@ DATABASE_BACKENDS = [
     ),
 ]
 DEMO_PAN = "4761739001010010"
+#: A frame that once escaped the decoder: bit 65 set in the secondary bitmap (pyiso8583 reads
+#: a tertiary bitmap naming field 132). It must be an undecodable frame, nothing else.
+TERTIARY_FRAME = (
+    b"0800"
+    + b"8220000000000000"
+    + b"8000000000000000"
+    + b"1000000000000000"
+    + b"0314092653"
+    + b"000123"
+    + b"301"
+)
 DEMO_PIN = "1234"
 
 

@@ -35,6 +35,7 @@ import trio
 
 from shared.lab.bench import BENCH_CARD, seed_bills
 from shared.ops.settings import SERVICES, Settings
+from tests.proclab import free_ports
 from tests.support import admin_headers
 
 PAYLAB = [sys.executable, "-m", "shared.cli"]
@@ -42,17 +43,6 @@ PAYLAB = [sys.executable, "-m", "shared.cli"]
 OPEN_WAIT = Settings(_env_file=None).breaker_open_wait  # type: ignore[call-arg]
 #: The generous bound asserted on a recovery (the figure itself is printed).
 RECOVERY_BOUND = OPEN_WAIT / 2
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Processes:

@@ -15,18 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.proclab import free_ports
+
 PAYLAB = [sys.executable, "-m", "shared.cli"]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ from hsm.keyfile import load_key_file
 from shared.errors import DecodeError, ValidationError
 from shared.iso import codec
 from shared.iso.messages import Message, make_response
-from tests.support import terminal_builder
+from tests.support import TERTIARY_FRAME, terminal_builder
 
 KEYS = load_key_file()
 PAN = "4761739001010010"
@@ -138,17 +138,6 @@ def test_encode_rejects_a_field_that_does_not_fit(field: str, value: str) -> Non
 def _with_byte(raw: bytes, index: int, value: int) -> bytes:
     return raw[:index] + bytes([value]) + raw[index + 1 :]
 
-
-#: The frame of issue 16: bit 65 in the secondary bitmap, a tertiary bitmap naming field 132.
-TERTIARY_FRAME = (
-    b"0800"
-    + b"8220000000000000"
-    + b"8000000000000000"
-    + b"1000000000000000"
-    + b"0314092653"
-    + b"000123"
-    + b"301"
-)
 
 BAD_PAYLOADS = {
     "empty": b"",

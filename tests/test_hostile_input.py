@@ -28,21 +28,11 @@ from shared.ops.log import configure_logging
 from tests.support import (
     DEMO_PAN,
     DEMO_PIN,
+    TERTIARY_FRAME,
     RawIsoClient,
     start_network,
     terminal_builder,
     wait_for,
-)
-
-#: The frame of issue 16: bit 65 set in the secondary bitmap (a tertiary bitmap, field 132).
-TERTIARY_FRAME = (
-    b"0800"
-    + b"8220000000000000"
-    + b"8000000000000000"
-    + b"1000000000000000"
-    + b"0314092653"
-    + b"000123"
-    + b"301"
 )
 
 MUTATIONS = 300
