@@ -132,63 +132,22 @@ def _san_entries(names: Iterable[str]) -> list[x509.GeneralName]:
     return entries
 
 
-def make_service_cert(
-    ca: PemPair, service: str, extra_hosts: Iterable[str] = (), days: int = DEFAULT_DAYS
+def _leaf_cert(
+    ca: PemPair,
+    identity: str,
+    usages: list[x509.ObjectIdentifier],
+    sans: list[x509.GeneralName] | None,
+    days: int,
 ) -> PemPair:
-    """A key and a CA-signed certificate for ``service``, for server and client use.
-
-    SAN: ``localhost``, ``service``, ``127.0.0.1`` and ``extra_hosts`` (names or IPs).
-    """
+    """A key and a CA-signed end-entity certificate: CN ``identity``, extended key usages
+    ``usages``, the subject alternative names ``sans`` (none when None)."""
     ca_cert = x509.load_pem_x509_certificate(ca.cert)
     ca_key = serialization.load_pem_private_key(ca.key, password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError("the CA key must be an EC key made by make_ca")
     key = _new_key()
     not_before, not_after = _validity(days)
-    sans = _san_entries(["localhost", service, "127.0.0.1", *extra_hosts])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(service))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            _key_usage(key_agreement=True),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return PemPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
-
-
-#: Identities that only ever connect (never listen): a client certificate each.
-CLIENT_IDENTITIES = ("terminal",)
-
-
-def make_client_cert(ca: PemPair, identity: str, days: int = DEFAULT_DAYS) -> PemPair:
-    """A key and a CA-signed client-only certificate (clientAuth) for ``identity``."""
-    ca_cert = x509.load_pem_x509_certificate(ca.cert)
-    ca_key = serialization.load_pem_private_key(ca.key, password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ValueError("the CA key must be an EC key made by make_ca")
-    key = _new_key()
-    not_before, not_after = _validity(days)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(_name(identity))
         .issuer_name(ca_cert.subject)
@@ -198,11 +157,14 @@ def make_client_cert(ca: PemPair, identity: str, days: int = DEFAULT_DAYS) -> Pe
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(key_agreement=True), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    )
+    if sans is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = (
+        builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -210,6 +172,27 @@ def make_client_cert(ca: PemPair, identity: str, days: int = DEFAULT_DAYS) -> Pe
         .sign(ca_key, hashes.SHA256())
     )
     return PemPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def make_service_cert(
+    ca: PemPair, service: str, extra_hosts: Iterable[str] = (), days: int = DEFAULT_DAYS
+) -> PemPair:
+    """A key and a CA-signed certificate for ``service``, for server and client use.
+
+    SAN: ``localhost``, ``service``, ``127.0.0.1`` and ``extra_hosts`` (names or IPs).
+    """
+    sans = _san_entries(["localhost", service, "127.0.0.1", *extra_hosts])
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    return _leaf_cert(ca, service, usages, sans, days)
+
+
+#: Identities that only ever connect (never listen): a client certificate each.
+CLIENT_IDENTITIES = ("terminal",)
+
+
+def make_client_cert(ca: PemPair, identity: str, days: int = DEFAULT_DAYS) -> PemPair:
+    """A key and a CA-signed client-only certificate (clientAuth) for ``identity``."""
+    return _leaf_cert(ca, identity, [ExtendedKeyUsageOID.CLIENT_AUTH], None, days)
 
 
 def lab_pki(
