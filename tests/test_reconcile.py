@@ -325,6 +325,11 @@ def test_bill_posted_twice_is_duplicated() -> None:
     )
     assert kinds(report) == ["duplicated"] and report.duplicated == 1
     assert "PLN-0001" in report.mismatches[0].detail
+    # A reversed posting beside one in force is not a second posting.
+    again = reconcile(
+        [online(key=other)], [reversed_(), posted(key=other, bill="PLN-0001")], [client(other)]
+    )
+    assert again.duplicated == 0 and again.clean
 
 
 def test_client_facts_validate_their_values() -> None:

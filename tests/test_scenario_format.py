@@ -17,7 +17,6 @@ from shared.lab.scenario.checks import (
     count_ok,
     evaluate,
     metric_value,
-    postings_posted_twice,
 )
 from shared.lab.scenario.files import resolve, shipped_files
 from shared.lab.scenario.format import (
@@ -227,11 +226,6 @@ def test_approval_kind() -> None:
     assert approval_kind("SI0042") == "standin"
     assert approval_kind("123456") == "online"
     assert approval_kind(None) is None and approval_kind("X") is None
-
-
-def test_postings_posted_twice() -> None:
-    pairs = [("A", "posted"), ("A", "reversed"), ("B", "posted"), ("B", "posted")]
-    assert postings_posted_twice(pairs) == {"B": 2}
 
 
 # -- conditions ---------------------------------------------------------------------------------

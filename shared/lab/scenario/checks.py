@@ -157,16 +157,7 @@ def evaluate(condition: Condition, snapshot: Mapping[str, Any]) -> tuple[bool, s
     return compare(value, condition.op, condition.value), f"{condition.metric} = {value:g}"
 
 
-# -- answers and postings ------------------------------------------------------------------------
-def postings_posted_twice(postings: Iterable[tuple[str, str]]) -> dict[str, int]:
-    """Bills with more than one live posting, from (bill number, status) pairs."""
-    live: dict[str, int] = {}
-    for bill, status in postings:
-        if status == "posted":
-            live[bill] = live.get(bill, 0) + 1
-    return {b: n for b, n in live.items() if n > 1}
-
-
+# -- answers ------------------------------------------------------------------------
 def approval_kind(approval_code: str | None) -> str | None:
     """``standin`` for ``SI`` + 4 digits, ``online`` for a biller's 6 digits, else None."""
     if approval_code is None:
