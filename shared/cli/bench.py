@@ -28,19 +28,32 @@ def bench(
             "billing-payment, chain-payment."
         ),
     ] = None,
+    rates: Annotated[
+        str | None,
+        typer.Option(
+            help="After the phases, run chain-payment once per offered rate, e.g. "
+            "100,300,600, and print latency and CPU per payment against the rate."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Benchmark (not a test): TPS and latency of the chain, of billing, of a raw echo server.
+    """Benchmark (not a test): TPS, latency and CPU per request of the chain, of billing,
+    of a raw echo server.
 
     Starts hsm, billing and gateway each in its own process on free ports (a temporary
-    data directory), seeds bills, drives closed-loop load, stops everything. See
-    shared/lab/bench.py and docs/performance.md.
+    data directory), seeds bills, drives closed-loop load, reads each service's CPU time
+    from /proc, stops everything. See shared/lab/bench.py and docs/performance.md.
     """
     from rich.markup import escape
 
-    from shared.lab.bench import BenchOptions, render, run_bench
+    from shared.lab.bench import BenchOptions, parse_rates, render, run_bench
 
     opts = BenchOptions(duration, warmup, concurrency, connections, rate, bills)
+    if rates is not None:
+        try:
+            opts.rates = parse_rates(rates)
+        except ValueError as exc:
+            fail(f"--rates: {exc}")
     if phase:
         unknown = set(phase) - set(opts.phases)
         if unknown:

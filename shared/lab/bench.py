@@ -20,6 +20,22 @@ connection. A phase warms up for ``warmup`` seconds, then only requests started 
 answered within the next ``duration`` seconds count. An error is an answer whose field 39
 is not ``00`` (the echo phase: any answer counts) or no answer within ``timeout``.
 
+CPU per request: at the start and the end of each phase's measured window the bench reads
+the user + system CPU time of every service process from ``/proc/<pid>/stat``
+(:func:`shared.lab.network.read_cpu_seconds`; clock ticks, 10 ms each on Linux, so keep the
+windows long enough: a few seconds give a few hundred ticks per busy service). A phase's
+figure for a service is its CPU in the window divided by the successful answers received in
+the window (:attr:`PhaseResult.window_answers`; whenever the request was sent, since that is
+the work the window saw), in ms, for the processes the phase's requests pass through
+(:data:`PHASE_SERVICES`). The client's own CPU (this process) is reported separately, as
+before. Normalised: that figure multiplied by the Python speed yardstick around the phase
+(:func:`python_speed`, see :func:`normalise`), "thousand loop steps per request": the same
+work on a faster core gives the same figure.
+
+Rates (``rates``): after the other phases, the chain-payment phase runs once per offered
+rate (closed loop paced at that rate, with :func:`rate_concurrency` workers so the rate is
+really offered), for a latency-versus-offered-rate table (:func:`rate_table_rows`).
+
 Bills: :func:`seed_bills` writes ``count`` open bills (``amount`` each, owned by the first
 demo customer, who holds :data:`BENCH_CARD`) into billing's database before billing
 starts, after the schema and the demo data, exactly as billing itself would create them.
@@ -86,6 +102,82 @@ def python_speed(seconds: float = 0.2) -> float:
     return round(best, 1)
 
 
+def normalise(cpu_ms: float | None, speed: float | None) -> float | None:
+    """``cpu_ms`` (per request) times the Python speed ``speed`` (million loop steps per
+    second): thousand loop steps per request, a figure that does not move with the core.
+
+    ms x million steps/s = thousand steps. ``None`` if either is unknown (or ``speed`` is 0).
+    """
+    if cpu_ms is None or not speed:
+        return None
+    return cpu_ms * speed
+
+
+def bracket_speeds(readings: Sequence[float]) -> list[float]:
+    """The yardstick of each phase from readings taken before the first phase and after each.
+
+    Phase ``i`` ran between reading ``i`` and reading ``i + 1``; its yardstick is their
+    mean. Why bracket each phase: the speed of a shared virtual machine's core drifts by a
+    factor of two within minutes (24 to 15 within one run has been seen), so one figure for
+    the whole run would misstate some phases; two readings seconds apart, taken while the
+    services are idle between phases (so they time the core, not the run's own load), and
+    their mean, track the drift over the phase. ``len(readings) - 1`` phases.
+    """
+    return [(a + b) / 2 for a, b in itertools.pairwise(readings)]
+
+
+def cpu_per_request(
+    cpu_seconds: dict[str, float], answers: int, services: Sequence[str]
+) -> dict[str, float] | None:
+    """CPU ms per answer of each of ``services`` (those read), and their ``total``.
+
+    ``None`` when there were no answers or none of the services was read.
+    """
+    read = [s for s in services if s in cpu_seconds]
+    if answers <= 0 or not read:
+        return None
+    per = {s: cpu_seconds[s] * 1000 / answers for s in read}
+    per["total"] = sum(per.values())
+    return per
+
+
+def cpu_delta(start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
+    """CPU seconds between two readings, for the processes read both times."""
+    return {name: end[name] - start[name] for name in start if name in end}
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    """``"100,300,600"`` -> ``(100.0, 300.0, 600.0)``: offered rates, each > 0, in order.
+
+    Raises ``ValueError`` for an empty list, a non-number, or a rate that is not > 0.
+    """
+    rates: list[float] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            rate = float(part)
+        except ValueError:
+            raise ValueError(f"not a rate: {part!r} (expected e.g. 100,300,600)") from None
+        if not rate > 0 or math.isinf(rate):
+            raise ValueError(f"a rate must be a positive number, not {part!r}")
+        rates.append(rate)
+    if not rates:
+        raise ValueError("no rates given")
+    return tuple(rates)
+
+
+#: Seconds of latency the workers of a rate phase can absorb before the closed loop falls
+#: below the offered rate: ``rate * RATE_LATENCY_ROOM`` workers.
+RATE_LATENCY_ROOM = 0.5
+
+
+def rate_concurrency(rate: float, base: int) -> int:
+    """Workers for a phase offered ``rate`` a second: at least ``base``, and enough that
+    answers as slow as :data:`RATE_LATENCY_ROOM` seconds still let the rate be offered (a
+    closed loop offers at most workers / latency)."""
+    return max(base, math.ceil(rate * RATE_LATENCY_ROOM))
+
+
 def percentile(sorted_samples: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0..100) of ascending ``sorted_samples``, nearest-rank method.
 
@@ -131,6 +223,16 @@ class PhaseResult:
     client_cpu_seconds: float = 0.0
     error_codes: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list, repr=False)
+    #: Requests offered a second (0: closed loop, as fast as answered) and workers.
+    offered_rate: float = 0.0
+    concurrency: int = 0
+    #: Successful answers received within the window, whenever sent (CPU's denominator).
+    window_answers: int = 0
+    #: The processes this phase's requests pass through, and their CPU in the window.
+    services: tuple[str, ...] = ()
+    service_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    #: The Python speed yardstick around the phase (:func:`bracket_speeds`).
+    python_speed: float | None = None
 
     @property
     def tps(self) -> float:
@@ -151,6 +253,24 @@ class PhaseResult:
         d.update(
             {k: v if v is None else round(v, 3) for k, v in latency_summary(self.latencies).items()}
         )
+        d["services"] = list(self.services)
+        d["service_cpu_seconds"] = {k: round(v, 3) for k, v in self.service_cpu_seconds.items()}
+        d["python_speed"] = None if self.python_speed is None else round(self.python_speed, 1)
+        per = cpu_per_request(self.service_cpu_seconds, self.window_answers, self.services)
+        # ms per request, per service and the total of the phase's services.
+        d["service_cpu_ms_per_request"] = (
+            None if per is None else {k: round(v, 3) for k, v in per.items() if k != "total"}
+        )
+        d["service_cpu_ms_total"] = None if per is None else round(per["total"], 3)
+        # The same, times the yardstick: thousand loop steps per request.
+        steps = {k: normalise(v, self.python_speed) for k, v in (per or {}).items()}
+        d["service_ksteps_per_request"] = (
+            None
+            if per is None or self.python_speed is None
+            else {k: round(v, 2) for k, v in steps.items() if k != "total" and v is not None}
+        )
+        total = steps.get("total")
+        d["service_ksteps_total"] = None if total is None else round(total, 2)
         return d
 
 
@@ -409,8 +529,14 @@ async def drive(
     rate: float = 0.0,
     timeout: float = 10.0,
     expect_approval: bool = True,
+    cpu_probe: Callable[[], dict[str, float]] | None = None,
 ) -> PhaseResult:
-    """Run one closed-loop phase against ``host:port``, filling and returning ``result``."""
+    """Run one closed-loop phase against ``host:port``, filling and returning ``result``.
+
+    ``cpu_probe`` (CPU seconds so far of each service process, by name) is called when the
+    measured window starts and when it ends; the difference goes to
+    ``result.service_cpu_seconds``.
+    """
     conns = [
         _Connection(await trio.open_tcp_stream(host, port))
         for _ in range(min(connections, concurrency))
@@ -447,11 +573,14 @@ async def drive(
             t1 = clock()
             if slot.msg is None:
                 conn.pending.pop(key, None)
-            if t0 < window.start or t1 > window.end:
-                continue
             msg = slot.msg
             code = "timeout" if msg is None else msg.get("39", "--")
-            if msg is not None and (not expect_approval or code == "00"):
+            ok = msg is not None and (not expect_approval or code == "00")
+            if ok and window.start <= t1 <= window.end:
+                result.window_answers += 1
+            if t0 < window.start or t1 > window.end:
+                continue
+            if ok:
                 result.completed += 1
                 result.latencies.append(t1 - t0)
             else:
@@ -466,6 +595,7 @@ async def drive(
         for w in range(concurrency):
             nursery.start_soon(worker, w)
         await trio.sleep(warmup)
+        services_start = cpu_probe() if cpu_probe is not None else {}
         window.start = clock()
         cpu_start = time.process_time()
         planned_end = window.start + duration
@@ -474,6 +604,8 @@ async def drive(
             await trio.sleep(min(0.05, max(0.0, window.end - clock())))
         result.seconds = max(0.0, window.end - window.start)
         result.client_cpu_seconds = time.process_time() - cpu_start
+        if cpu_probe is not None:
+            result.service_cpu_seconds = cpu_delta(services_start, cpu_probe())
         nursery.cancel_scope.cancel()
     for c in conns:
         await c.stream.aclose()
@@ -493,10 +625,25 @@ class BenchOptions:
     bills: int = 0
     timeout: float = 10.0
     phases: tuple[str, ...] = ("echo", "billing-inquiry", "billing-payment", "chain-payment")
+    #: Offered rates of the extra chain-payment phases run after ``phases`` (may be empty).
+    rates: tuple[float, ...] = ()
 
     def bills_per_phase(self) -> int:
         """Bills seeded for each payment phase (``bills`` or an estimate above any rate seen)."""
         return self.bills or max(2_000, int(4_000 * (self.duration + self.warmup)))
+
+    def bills_per_rate(self, rate: float) -> int:
+        """Bills seeded for the chain-payment phase offered ``rate`` a second.
+
+        ``bills`` if given; otherwise what the rate can use in the warm-up and the window
+        (the workers start at most ``rate`` a second, plus a 50 ms catch-up and one per
+        worker), with a fifth more, and never more than :meth:`bills_per_phase`.
+        """
+        if self.bills:
+            return self.bills
+        workers = rate_concurrency(rate, self.concurrency)
+        need = math.ceil(rate * (self.warmup + self.duration + 0.1) * 1.2) + workers
+        return min(self.bills_per_phase(), need)
 
 
 def _settings_for(data_dir: Path) -> Settings:
@@ -509,10 +656,46 @@ def _settings_for(data_dir: Path) -> Settings:
     return load_settings(**overrides)
 
 
+@dataclass
+class _Run:
+    """One phase to run: what it drives, how, and the report list its result goes to."""
+
+    kind: str  # a key of PHASE_SERVICES
+    result: PhaseResult
+    port: int
+    factory: Factory
+    approve: bool
+    rate: float
+    workers: int
+    into: list[PhaseResult]
+
+
+#: The service processes each phase's requests pass through (their CPU is reported).
+PHASE_SERVICES: dict[str, tuple[str, ...]] = {
+    "echo": ("echo",),
+    "billing-inquiry": ("hsm", "billing"),
+    "billing-payment": ("hsm", "billing"),
+    "chain-payment": ("hsm", "billing", "gateway"),
+}
+
+
+def read_cpu(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each process in ``pids`` (name -> pid) still there."""
+    from shared.lab.network import read_cpu_seconds
+
+    seconds = {name: read_cpu_seconds(pid) for name, pid in pids.items()}
+    return {name: v for name, v in seconds.items() if v is not None}
+
+
 def run_bench(
     opts: BenchOptions, progress: Callable[[str], None] = lambda _m: None
 ) -> dict[str, Any]:
     """Start the processes, run the phases, stop everything; return the JSON-ready report.
+
+    The phases of ``opts.phases`` run in order, then one chain-payment phase per rate of
+    ``opts.rates`` (the report's ``rates``). The Python speed yardstick is read before the
+    first phase and after each one; each phase's ``python_speed`` is the mean of the two
+    readings around it (:func:`bracket_speeds`).
 
     Raises whatever stops the services from starting (see
     :meth:`shared.lab.network.ProcessNetwork.start`); the processes are stopped in every case.
@@ -520,16 +703,19 @@ def run_bench(
     from shared.lab.network import ProcessNetwork, read_rss
 
     phases: list[PhaseResult] = []
+    rate_phases: list[PhaseResult] = []
     rss: dict[str, dict[str, float]] = {}
+    speeds: list[float] = []
     load_before = os.getloadavg()
-    speed_before = python_speed()
     with tempfile.TemporaryDirectory(prefix="paylab-bench-") as tmp:
         settings = _settings_for(Path(tmp) / "var")
         n_bills = opts.bills_per_phase()
-        progress(f"seeding {2 * n_bills} bills into billing's database")
+        rate_bills = [opts.bills_per_rate(r) for r in opts.rates]
+        progress(f"seeding {2 * n_bills + sum(rate_bills)} bills into billing's database")
         run_id = f"B{int(time.time()) % 0xFFFFFF:06X}"
         chain_bills = seed_bills(settings, n_bills, f"{run_id}C")
         billing_bills = seed_bills(settings, n_bills, f"{run_id}B")
+        extra = seed_bills(settings, sum(rate_bills), f"{run_id}R") if opts.rates else []
         log = open(Path(tmp) / "bench-services.log", "wb")  # noqa: SIM115 - closed below
         env = {
             "PAYLAB_RATE_LIMIT_TERMINAL": "0",
@@ -575,25 +761,64 @@ def run_bench(
                     "(a) full chain through the gateway: MACed payments",
                 ),
             }
+            runs: list[_Run] = []
             for name in opts.phases:
                 port, factory, approve, description = targets[name]
-                progress(f"phase {name}: {opts.warmup:g} s warm-up + {opts.duration:g} s")
-                result = PhaseResult(name, description)
+                runs.append(
+                    _Run(
+                        name,
+                        PhaseResult(name, description),
+                        port,
+                        factory,
+                        approve,
+                        opts.rate,
+                        opts.concurrency,
+                        phases,
+                    )
+                )
+            taken = 0
+            for i, rate in enumerate(opts.rates):
+                workers = rate_concurrency(rate, opts.concurrency)
+                bills = iter(extra[taken : taken + rate_bills[i]])
+                taken += rate_bills[i]
+                runs.append(
+                    _Run(
+                        "chain-payment",
+                        PhaseResult(f"chain-payment@{rate:g}/s", f"(a) full chain, {rate:g}/s"),
+                        ports["gateway"].iso,
+                        payments(f"R{i}", workers, bills),
+                        True,
+                        rate,
+                        workers,
+                        rate_phases,
+                    )
+                )
+            speeds.append(python_speed())
+            for run in runs:
+                result = run.result
+                name = result.name
+                paced = f", offered {run.rate:g}/s, {run.workers} workers" if run.rate else ""
+                progress(f"phase {name}: {opts.warmup:g} s warm-up + {opts.duration:g} s{paced}")
+                result.offered_rate = run.rate
+                result.concurrency = run.workers
+                result.services = PHASE_SERVICES[run.kind]
+                probe_pids = {s: pids[s] for s in result.services if s in pids}
                 try:
                     trio.run(
                         partial(
                             drive,
                             settings.host,
-                            port,
-                            factory,
+                            run.port,
+                            run.factory,
                             result,
-                            concurrency=opts.concurrency,
+                            concurrency=run.workers,
                             connections=opts.connections,
                             warmup=opts.warmup,
                             duration=opts.duration,
-                            rate=opts.rate,
+                            rate=run.rate,
                             timeout=opts.timeout,
-                            expect_approval=approve,
+                            expect_approval=run.approve,
+                            cpu_probe=partial(read_cpu, probe_pids),
                         )
                     )
                 except Exception as exc:  # trio wraps a task's error in an ExceptionGroup
@@ -604,10 +829,13 @@ def run_bench(
                         cause = leaf.__cause__ or leaf
                         raise RuntimeError(f"connection lost during {name}: {cause!r}") from exc
                     raise
-                phases.append(result)
+                speeds.append(python_speed())
+                run.into.append(result)
                 dead = net.dead()
                 if dead:
                     raise RuntimeError(f"service process died during {name}: {dead}")
+            for result, speed in zip(phases + rate_phases, bracket_speeds(speeds), strict=True):
+                result.python_speed = speed
             for name, pid in pids.items():
                 sizes = read_rss(pid)
                 if sizes is not None:
@@ -641,12 +869,17 @@ def run_bench(
             "load_average_before": round(load_before[0], 2),
             "load_average_after": round(os.getloadavg()[0], 2),
             # The same figures on a faster or slower core scale with it, and a shared
-            # virtual machine's core speed drifts: a fixed pure-Python loop, timed.
-            "python_speed_before": speed_before,
-            "python_speed_after": python_speed(),
+            # virtual machine's core speed drifts: a fixed pure-Python loop, timed before
+            # the first phase and after the last (each phase has its own, see the phases).
+            "python_speed_before": speeds[0] if speeds else None,
+            "python_speed_after": speeds[-1] if speeds else None,
+            # The step of the services' CPU figures (/proc counts clock ticks).
+            "cpu_tick_ms": round(1000 / os.sysconf("SC_CLK_TCK"), 3),
         },
-        "options": asdict(opts) | {"bills_per_phase": opts.bills_per_phase()},
+        "options": asdict(opts)
+        | {"bills_per_phase": opts.bills_per_phase(), "bills_per_rate": rate_bills},
         "phases": [p.as_dict() for p in phases],
+        "rates": [p.as_dict() for p in rate_phases],
         "ratios": ratios,
         "rss": rss,
     }
@@ -658,27 +891,106 @@ def _bill_stream(run_id: str) -> Iterator[tuple[str, int]]:
         yield f"{run_id}E-{i % 10_000_000:07d}", BENCH_AMOUNT
 
 
+def _ms(v: float | None) -> str:
+    """A millisecond figure for the tables: ``-`` when unknown, 3 significant-ish digits."""
+    if v is None:
+        return "-"
+    if v >= 100:
+        return f"{v:.0f}"
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def _steps(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def cpu_line(phase: dict[str, Any]) -> str | None:
+    """One line of a phase's CPU figures per request (``None`` when the services' CPU is
+    unknown), e.g. ``CPU chain-payment: hsm 0.35 + billing 0.76 + gateway 0.83 = 1.94 ms,
+    46.6 k steps (speed 24.0); client 0.24 ms``."""
+    per = phase.get("service_cpu_ms_per_request")
+    if not per:
+        return None
+    parts = " + ".join(f"{name} {_ms(v)}" for name, v in per.items())
+    line = f"CPU {phase['name']}: {parts} = {_ms(phase['service_cpu_ms_total'])} ms"
+    if phase.get("service_ksteps_total") is not None:
+        line += f", {phase['service_ksteps_total']:.1f} k steps (speed {phase['python_speed']:.1f})"
+    return line + f"; client {_ms(phase['client_cpu_ms_per_request'])} ms"
+
+
+#: The services whose CPU the rate table shows, in the order of the chain.
+RATE_TABLE_SERVICES = ("gateway", "billing", "hsm")
+
+
+def rate_table_rows(rates: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The latency-versus-offered-rate table: its header and one row of text per rate phase.
+
+    ``rates`` are the report's ``rates`` (phase dicts with ``offered_rate``), in the order
+    they ran. Columns: offered rate (a second), achieved TPS, p50/p95/p99/max latency in
+    ms, errors, CPU ms per payment of each service of :data:`RATE_TABLE_SERVICES` and their
+    total (the normalised total and whether bills ran out are in the JSON and the CPU lines).
+    """
+    header = [
+        "offered",
+        "TPS",
+        "p50",
+        "p95",
+        "p99",
+        "max",
+        "errors",
+        *RATE_TABLE_SERVICES,
+        "total",
+    ]
+    rows = []
+    for p in rates:
+        per = p.get("service_cpu_ms_per_request") or {}
+        rows.append(
+            [
+                f"{p['offered_rate']:g}",
+                f"{p['tps']:.0f}",
+                _ms(p["p50_ms"]),
+                _ms(p["p95_ms"]),
+                _ms(p["p99_ms"]),
+                _ms(p["max_ms"]),
+                str(p["errors"]),
+                *(_ms(per.get(s)) for s in RATE_TABLE_SERVICES),
+                _ms(p["service_cpu_ms_total"]),
+            ]
+        )
+    return header, rows
+
+
 def render(report: dict[str, Any]) -> list[Any]:
-    """Rich renderables of ``report``: the phase table, ratios and RSS lines."""
+    """Rich renderables of ``report``: the phase table, CPU lines, the rate table, ratios,
+    RSS and machine lines."""
     from rich import box
     from rich.table import Table
-
-    def ms(v: float | None) -> str:
-        if v is None:
-            return "-"
-        return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
 
     o = report["options"]
     table = Table(
         box=box.SIMPLE_HEAD,
-        pad_edge=False,
+        show_edge=False,
+        padding=(0, 1, 0, 0),  # one space between columns: the tables fit 80 columns
         title=(
             f"paylab bench: concurrency {o['concurrency']}, {o['connections']} connections, "
             f"{o['duration']:g} s (+{o['warmup']:g} s warm-up)"
             + (f", offered {o['rate']:g}/s" if o["rate"] else "")
+            + "\nlatency in ms; client: its CPU ms per request; ksteps: the services' CPU per"
+            + " request in thousand loop steps (CPU ms x Python speed)"
         ),
     )
-    cols = ("phase", "TPS", "p50 ms", "p95 ms", "p99 ms", "max ms", "ok", "errors", "cpu ms")
+    cols = (
+        "phase",
+        "TPS",
+        "p50",
+        "p95",
+        "p99",
+        "max",
+        "ok",
+        "errors",
+        "client",
+        "ksteps",
+    )
     for col in cols:
         table.add_column(col, justify="left" if col == "phase" else "right", no_wrap=col == "phase")
     for p in report["phases"]:
@@ -686,15 +998,36 @@ def render(report: dict[str, Any]) -> list[Any]:
         table.add_row(
             p["name"],
             f"{p['tps']:.0f}",
-            ms(p["p50_ms"]),
-            ms(p["p95_ms"]),
-            ms(p["p99_ms"]),
-            ms(p["max_ms"]),
+            _ms(p["p50_ms"]),
+            _ms(p["p95_ms"]),
+            _ms(p["p99_ms"]),
+            _ms(p["max_ms"]),
             str(p["completed"]),
             errors,
-            ms(p["client_cpu_ms_per_request"]),
+            _ms(p["client_cpu_ms_per_request"]),
+            _steps(p["service_ksteps_total"]),
         )
     lines: list[Any] = [table]
+    for p in [*report["phases"], *report.get("rates", [])]:
+        line = cpu_line(p)
+        if line is not None:
+            lines.append(line)
+    if report.get("rates"):
+        header, rows = rate_table_rows(report["rates"])
+        rate_table = Table(
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            padding=(0, 1, 0, 0),
+            title="chain-payment against the offered rate: latency (ms), CPU ms per payment",
+        )
+        for col in header:
+            rate_table.add_column(col, justify="right")
+        for row in rows:
+            rate_table.add_row(*row)
+        lines.append(rate_table)
+        short = [f"{p['offered_rate']:g}/s" for p in report["rates"] if p["exhausted"]]
+        if short:
+            lines.append(f"bills ran out at {', '.join(short)}: those rows ended early")
     r = report["ratios"]
     for key, label in (
         ("chain_vs_echo", "(a)/(c) chain / echo"),
@@ -705,11 +1038,16 @@ def render(report: dict[str, Any]) -> list[Any]:
     for name, sizes in report["rss"].items():
         lines.append(f"RSS {name}: {sizes['rss_mb']:.1f} MB (peak {sizes['peak_mb']:.1f} MB)")
     m = report["machine"]
+    speed = (
+        f"Python speed {m['python_speed_before']:.1f} before, {m['python_speed_after']:.1f} "
+        "after (million loop steps/s)"
+        if m["python_speed_before"] is not None
+        else "Python speed not measured"
+    )
     lines.append(
         f"machine: {m['cpus']} CPUs, Python {m['python']}, {m['platform']}; load average "
         f"{m['load_average_before']:.2f} before, {m['load_average_after']:.2f} after; "
-        f"Python speed {m['python_speed_before']:.1f} before, {m['python_speed_after']:.1f} "
-        "after (million loop steps/s)"
+        f"{speed}; services' CPU in {m['cpu_tick_ms']:g} ms ticks"
     )
     return lines
 

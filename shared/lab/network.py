@@ -191,6 +191,38 @@ def read_rss(pid: int) -> tuple[int, int] | None:
     return values["VmRSS"], values.get("VmHWM", values["VmRSS"])
 
 
+def cpu_ticks_from_stat(stat: str) -> tuple[int, int]:
+    """``(utime, stime)`` in clock ticks from the text of ``/proc/<pid>/stat``.
+
+    Those are fields 14 and 15 (user and system CPU time of all the process's threads). The
+    second field, the command name in parentheses, may itself hold spaces and parentheses,
+    so the fields are counted from the *last* ``)``. Raises ``ValueError`` for text that is
+    not such a line.
+    """
+    close = stat.rfind(")")
+    if close < 0 or "(" not in stat[:close]:
+        raise ValueError("no (command name) in /proc/<pid>/stat text")
+    fields = stat[close + 1 :].split()  # fields 3 (state) onwards
+    if len(fields) < 13:
+        raise ValueError(f"/proc/<pid>/stat text too short: {len(fields) + 2} fields")
+    return int(fields[11]), int(fields[12])
+
+
+def read_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds used so far by process ``pid`` (all its threads).
+
+    From ``/proc/<pid>/stat``, so in clock ticks (``os.sysconf("SC_CLK_TCK")``, usually 100:
+    10 ms steps). ``None`` when the process is gone or ``/proc`` is not there (not Linux).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    utime, stime = cpu_ticks_from_stat(text)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the child gets SIGTERM when the process that started it dies (no orphans)."""
     try:
