@@ -21,7 +21,7 @@ from loadtests import profile_summary
 from shared.lab.bench import (
     BenchOptions,
     PhaseResult,
-    bracket_speeds,
+    SpeedSampler,
     cpu_delta,
     cpu_line,
     cpu_per_request,
@@ -29,6 +29,7 @@ from shared.lab.bench import (
     latency_summary,
     normalise,
     parse_rates,
+    parse_speed_line,
     payments,
     percentile,
     python_speed,
@@ -36,6 +37,8 @@ from shared.lab.bench import (
     rate_table_rows,
     read_cpu,
     serve_echo,
+    speed_sample,
+    window_speed,
 )
 from shared.lab.network import cpu_ticks_from_stat, read_cpu_seconds
 from tests.test_cli import PAYLAB, env, run_cli  # noqa: F401 - env is a fixture
@@ -190,9 +193,43 @@ def test_normalise_gives_thousand_steps_that_do_not_move_with_the_core() -> None
     assert normalise(2.0, 0.0) is None
 
 
-def test_bracket_speeds_mean_of_the_readings_around_each_phase() -> None:
-    assert bracket_speeds([24.0, 20.0, 15.0]) == [22.0, 17.5]
-    assert bracket_speeds([24.0]) == []
+def test_window_speed_is_the_mean_of_the_readings_inside() -> None:
+    readings = [(9.9, 99.0), (10.0, 29.0), (10.2, 16.0), (10.4, 28.0), (10.6, 27.0), (11.1, 1.0)]
+    assert window_speed(readings, 10.0, 11.0) == (25.0, 4)
+    assert window_speed(readings, 10.1, 10.3) == (16.0, 1)
+    assert window_speed(readings, 20.0, 30.0) is None
+    assert window_speed([], 0.0, 1.0) is None
+
+
+def test_parse_speed_line() -> None:
+    assert parse_speed_line(b"12345.6789 24.51") == (12345.6789, 24.51)
+    for bad in (b"", b"12345.6", b"a b", b"1 2 3", b"Traceback (most recent call last):"):
+        assert parse_speed_line(bad) is None
+
+
+def test_speed_sample_is_a_positive_rate() -> None:
+    assert speed_sample(steps=1000, tries=2) > 0
+
+
+@pytest.mark.timeout(60)
+def test_speed_sampler_child_reads_and_stops() -> None:
+    """The sampler's child prints timed readings on the shared monotonic clock; ``poll``
+    collects them without waiting; ``stop`` ends the child."""
+    before = time.monotonic()
+    sampler = SpeedSampler(interval=0.01)
+    try:
+        deadline = time.monotonic() + 45
+        while len(sampler.poll()) < 3:
+            assert time.monotonic() < deadline, "no readings from the sampler"
+            assert sampler.proc.poll() is None, "the sampler died"
+            time.sleep(0.05)
+        readings = list(sampler.readings)
+        assert all(before < t < time.monotonic() and v > 0 for t, v in readings)
+        assert [t for t, _ in readings] == sorted(t for t, _ in readings)
+    finally:
+        sampler.stop()
+    assert sampler.proc.returncode is not None
+    sampler.stop()  # twice is fine
 
 
 def test_phase_result_reports_cpu_and_normalised_figures() -> None:
@@ -447,7 +484,7 @@ def test_bench_smoke_json(tmp_path: Path) -> None:
         assert set(p["services"]) == set(per) >= busy[name], p
         assert all(per[s] > 0 for s in busy[name]), p
         assert p["service_cpu_ms_total"] == pytest.approx(sum(per.values()), abs=0.01)
-        assert p["python_speed"] > 0
+        assert p["python_speed"] > 0 and p["python_speed_samples"] > 0
         assert p["service_ksteps_total"] == pytest.approx(
             p["service_cpu_ms_total"] * p["python_speed"], rel=0.01
         )

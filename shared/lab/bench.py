@@ -28,9 +28,9 @@ figure for a service is its CPU in the window divided by the successful answers 
 the window (:attr:`PhaseResult.window_answers`; whenever the request was sent, since that is
 the work the window saw), in ms, for the processes the phase's requests pass through
 (:data:`PHASE_SERVICES`). The client's own CPU (this process) is reported separately, as
-before. Normalised: that figure multiplied by the Python speed yardstick around the phase
-(:func:`python_speed`, see :func:`normalise`), "thousand loop steps per request": the same
-work on a faster core gives the same figure.
+before. Normalised: that figure multiplied by the Python speed yardstick measured during
+the window (:class:`SpeedSampler`, :func:`window_speed`, :func:`normalise`), "thousand loop
+steps per request": the same work on a faster core gives the same figure.
 
 Rates (``rates``): after the other phases, the chain-payment phase runs once per offered
 rate (closed loop paced at that rate, with :func:`rate_concurrency` workers so the rate is
@@ -55,6 +55,7 @@ import math
 import os
 import platform
 import select
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import trio
 
@@ -113,17 +114,114 @@ def normalise(cpu_ms: float | None, speed: float | None) -> float | None:
     return cpu_ms * speed
 
 
-def bracket_speeds(readings: Sequence[float]) -> list[float]:
-    """The yardstick of each phase from readings taken before the first phase and after each.
+def speed_sample(steps: int = 20_000, tries: int = 3) -> float:
+    """The yardstick loop of :func:`python_speed`, short and timed in CPU time: best of
+    ``tries`` runs of ``steps`` steps (about 1 ms each), in million steps per CPU second.
 
-    Phase ``i`` ran between reading ``i`` and reading ``i + 1``; its yardstick is their
-    mean. Why bracket each phase: the speed of a shared virtual machine's core drifts by a
-    factor of two within minutes (24 to 15 within one run has been seen), so one figure for
-    the whole run would misstate some phases; two readings seconds apart, taken while the
-    services are idle between phases (so they time the core, not the run's own load), and
-    their mean, track the drift over the phase. ``len(readings) - 1`` phases.
+    CPU time (``time.thread_time``), like the services' figures from ``/proc``: a reading
+    is not lowered when the scheduler runs another process in the middle of it (a busy
+    machine), only when the core itself runs slower.
     """
-    return [(a + b) / 2 for a, b in itertools.pairwise(readings)]
+    best = 0.0
+    for _ in range(tries):
+        start = time.thread_time()
+        total = 0
+        for i in range(steps):
+            total += i
+        elapsed = time.thread_time() - start
+        if elapsed > 0:
+            best = max(best, steps / 1e6 / elapsed)
+    return best
+
+
+def parse_speed_line(line: bytes) -> tuple[float, float] | None:
+    """``b"<monotonic seconds> <speed>"`` (a line of :class:`SpeedSampler`'s child) ->
+    ``(seconds, speed)``; ``None`` for anything else."""
+    parts = line.split()
+    if len(parts) != 2:
+        return None
+    try:
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        return None
+
+
+def window_speed(
+    readings: Sequence[tuple[float, float]], start: float, end: float
+) -> tuple[float, int] | None:
+    """The mean of the speed readings taken between ``start`` and ``end`` (monotonic
+    seconds), and how many there were; ``None`` when there were none.
+
+    Why readings taken *during* the window: this VM's core speed flips between about 29
+    and 16 million steps/s from one half-second to the next (and drifts over minutes), so
+    a reading before or after a phase says little about the phase. Why the mean and not
+    the median: the services' CPU time in the window is spent partly on the fast and
+    partly on the slow core speed, so the work it stands for is CPU time times the
+    *average* speed over the window, which readings at regular intervals estimate; the
+    median of a two-valued mix jumps between the two values.
+    """
+    inside = [v for t, v in readings if start <= t <= end]
+    if not inside:
+        return None
+    return statistics.fmean(inside), len(inside)
+
+
+class SpeedSampler:
+    """A child process (``python -m shared.lab.bench speed INTERVAL``) that prints a
+    :func:`speed_sample` with its ``time.monotonic()`` every ``interval`` seconds.
+
+    :meth:`poll` collects what it printed so far into :attr:`readings` without waiting;
+    :meth:`stop` ends it (safe to call more than once). It costs about 3 ms of CPU per
+    reading, ~1.5 % of a core at the default interval. ``time.monotonic`` is the system's
+    monotonic clock, shared by every process, so the readings line up with the parent's.
+    """
+
+    def __init__(self, interval: float = 0.2, *, stderr: IO[bytes] | int | None = None) -> None:
+        self.readings: list[tuple[float, float]] = []
+        self._tail = b""
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.lab.bench", "speed", str(interval)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+
+    def poll(self) -> list[tuple[float, float]]:
+        """Read every complete line printed so far; return all readings."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            self._tail += data
+        *lines, self._tail = self._tail.split(b"\n")
+        self.readings.extend(r for line in lines if (r := parse_speed_line(line)) is not None)
+        return self.readings
+
+    def stop(self) -> None:
+        """Terminate the child and wait for it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def _sample_speed_forever(interval: float) -> None:
+    """The sampler child: a :func:`speed_sample` line every ``interval`` seconds."""
+    while True:
+        print(f"{time.monotonic():.4f} {speed_sample():.2f}", flush=True)
+        time.sleep(interval)
 
 
 def cpu_per_request(
@@ -231,8 +329,9 @@ class PhaseResult:
     #: The processes this phase's requests pass through, and their CPU in the window.
     services: tuple[str, ...] = ()
     service_cpu_seconds: dict[str, float] = field(default_factory=dict)
-    #: The Python speed yardstick around the phase (:func:`bracket_speeds`).
+    #: The Python speed yardstick during the window (:func:`window_speed`) and its readings.
     python_speed: float | None = None
+    python_speed_samples: int = 0
 
     @property
     def tps(self) -> float:
@@ -256,6 +355,7 @@ class PhaseResult:
         d["services"] = list(self.services)
         d["service_cpu_seconds"] = {k: round(v, 3) for k, v in self.service_cpu_seconds.items()}
         d["python_speed"] = None if self.python_speed is None else round(self.python_speed, 1)
+        d["python_speed_samples"] = self.python_speed_samples
         per = cpu_per_request(self.service_cpu_seconds, self.window_answers, self.services)
         # ms per request, per service and the total of the phase's services.
         d["service_cpu_ms_per_request"] = (
@@ -679,6 +779,12 @@ PHASE_SERVICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _read_cpu_at(pids: dict[str, int], edges: list[float]) -> dict[str, float]:
+    """:func:`read_cpu`, noting when (``time.monotonic()``) in ``edges``."""
+    edges.append(time.monotonic())
+    return read_cpu(pids)
+
+
 def read_cpu(pids: dict[str, int]) -> dict[str, float]:
     """CPU seconds so far of each process in ``pids`` (name -> pid) still there."""
     from shared.lab.network import read_cpu_seconds
@@ -693,9 +799,10 @@ def run_bench(
     """Start the processes, run the phases, stop everything; return the JSON-ready report.
 
     The phases of ``opts.phases`` run in order, then one chain-payment phase per rate of
-    ``opts.rates`` (the report's ``rates``). The Python speed yardstick is read before the
-    first phase and after each one; each phase's ``python_speed`` is the mean of the two
-    readings around it (:func:`bracket_speeds`).
+    ``opts.rates`` (the report's ``rates``). Each phase's ``python_speed`` is the median of
+    the readings a :class:`SpeedSampler` took during its measured window
+    (:func:`window_speed`); the machine's ``python_speed_before`` and ``_after`` are
+    :func:`python_speed` before the first phase and after the last.
 
     Raises whatever stops the services from starting (see
     :meth:`shared.lab.network.ProcessNetwork.start`); the processes are stopped in every case.
@@ -706,6 +813,7 @@ def run_bench(
     rate_phases: list[PhaseResult] = []
     rss: dict[str, dict[str, float]] = {}
     speeds: list[float] = []
+    sampler: SpeedSampler | None = None
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="paylab-bench-") as tmp:
         settings = _settings_for(Path(tmp) / "var")
@@ -732,6 +840,7 @@ def run_bench(
         )
         try:
             progress("starting hsm, billing, gateway (one process each) and the echo server")
+            sampler = SpeedSampler(stderr=log)
             ports = net.start()
             echo_port = _read_echo_port(echo, 30)
             pids = {**net.pids(), "echo": echo.pid}
@@ -803,6 +912,7 @@ def run_bench(
                 result.concurrency = run.workers
                 result.services = PHASE_SERVICES[run.kind]
                 probe_pids = {s: pids[s] for s in result.services if s in pids}
+                edges: list[float] = []  # the window's start and end, monotonic seconds
                 try:
                     trio.run(
                         partial(
@@ -818,7 +928,7 @@ def run_bench(
                             rate=run.rate,
                             timeout=opts.timeout,
                             expect_approval=run.approve,
-                            cpu_probe=partial(read_cpu, probe_pids),
+                            cpu_probe=partial(_read_cpu_at, probe_pids, edges),
                         )
                     )
                 except Exception as exc:  # trio wraps a task's error in an ExceptionGroup
@@ -829,13 +939,15 @@ def run_bench(
                         cause = leaf.__cause__ or leaf
                         raise RuntimeError(f"connection lost during {name}: {cause!r}") from exc
                     raise
-                speeds.append(python_speed())
+                if len(edges) == 2:
+                    speed = window_speed(sampler.poll(), edges[0], edges[1])
+                    if speed is not None:
+                        result.python_speed, result.python_speed_samples = speed
                 run.into.append(result)
                 dead = net.dead()
                 if dead:
                     raise RuntimeError(f"service process died during {name}: {dead}")
-            for result, speed in zip(phases + rate_phases, bracket_speeds(speeds), strict=True):
-                result.python_speed = speed
+            speeds.append(python_speed())
             for name, pid in pids.items():
                 sizes = read_rss(pid)
                 if sizes is not None:
@@ -844,6 +956,8 @@ def run_bench(
                         "peak_mb": round(sizes[1] / 2**20, 1),
                     }
         finally:
+            if sampler is not None:
+                sampler.stop()
             net.stop()
             echo.terminate()
             try:
@@ -870,7 +984,8 @@ def run_bench(
             "load_average_after": round(os.getloadavg()[0], 2),
             # The same figures on a faster or slower core scale with it, and a shared
             # virtual machine's core speed drifts: a fixed pure-Python loop, timed before
-            # the first phase and after the last (each phase has its own, see the phases).
+            # the first phase and after the last (each phase has its own, taken during its
+            # window: see the phases' python_speed).
             "python_speed_before": speeds[0] if speeds else None,
             "python_speed_after": speeds[-1] if speeds else None,
             # The step of the services' CPU figures (/proc counts clock ticks).
@@ -1053,12 +1168,20 @@ def render(report: dict[str, Any]) -> list[Any]:
 
 
 def _main(argv: Sequence[str]) -> int:
-    """``python -m shared.lab.bench echo HOST PORT``: run the echo server until killed."""
+    """``python -m shared.lab.bench echo HOST PORT``: run the echo server until killed;
+    ``speed INTERVAL``: the :class:`SpeedSampler` child, until killed."""
     if len(argv) == 3 and argv[0] == "echo":
         with contextlib.suppress(KeyboardInterrupt):
             trio.run(_serve_echo_and_report, argv[1], int(argv[2]))
         return 0
-    print("usage: python -m shared.lab.bench echo HOST PORT (the benchmark is `paylab bench`)")
+    if len(argv) == 2 and argv[0] == "speed":
+        with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+            _sample_speed_forever(float(argv[1]))
+        return 0
+    print(
+        "usage: python -m shared.lab.bench echo HOST PORT | speed INTERVAL"
+        " (the benchmark is `paylab bench`)"
+    )
     return 2
 
 
