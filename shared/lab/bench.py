@@ -799,7 +799,7 @@ def run_bench(
     """Start the processes, run the phases, stop everything; return the JSON-ready report.
 
     The phases of ``opts.phases`` run in order, then one chain-payment phase per rate of
-    ``opts.rates`` (the report's ``rates``). Each phase's ``python_speed`` is the median of
+    ``opts.rates`` (the report's ``rates``). Each phase's ``python_speed`` is the mean of
     the readings a :class:`SpeedSampler` took during its measured window
     (:func:`window_speed`); the machine's ``python_speed_before`` and ``_after`` are
     :func:`python_speed` before the first phase and after the last.
