@@ -251,6 +251,13 @@ def test_phase_result_reports_cpu_and_normalised_figures() -> None:
     json.dumps(d)  # JSON-ready
     line = cpu_line(d)
     assert line is not None and "1.94 ms" in line and "38.8 k steps" in line
+    # no speed readings in the window (a sampler that died): CPU figures, no normalised ones
+    result.python_speed = None
+    unsped = result.as_dict()
+    assert unsped["service_cpu_ms_total"] == pytest.approx(1.94)
+    assert unsped["service_ksteps_total"] is None and unsped["service_ksteps_per_request"] is None
+    line = cpu_line(unsped)
+    assert line is not None and "1.94 ms" in line and "k steps" not in line
     empty = PhaseResult("echo", "x").as_dict()
     assert empty["service_cpu_ms_per_request"] is None
     assert empty["service_cpu_ms_total"] is None and empty["service_ksteps_total"] is None
