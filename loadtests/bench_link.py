@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         if case == "upstream-many" and not hasattr(Upstream, "call_many"):
             print(f"{case:<14} {'n/a':>10}")  # an older version without call_many
             continue
+        # (the line above lets the script run against older versions for A/B figures)
         cpu_us, rate = trio.run(run_case, case, args.n, warmup, args.concurrency)
         if case == "minimal":
             floor = cpu_us
