@@ -303,27 +303,21 @@ class GatewayService(IsoService):
     async def _translate_pin(self, msg: Message, translated: MacAndPin | None = None) -> Message:
         """The message to forward: no MAC, PIN block (if any) under billing's ZPK.
 
-        ``translated``: CA's outcome, already asked together with M8 (:meth:`_check_mac`);
-        without it, CA is asked now. Either way: 55 when the block is not a PIN at all, 96
-        when the HSM fails.
+        ``translated``: CA's answer, already asked together with M8 (:meth:`_check_mac`) and
+        read the same way; without it, CA is asked now. Either way: 55 when the block is
+        not a PIN at all, 96 when the HSM fails.
         """
         fwd = {k: v for k, v in msg.items() if k not in ("64", "128")}
         block = msg.get("52")
         if block is None:
             return fwd
-        if translated is not None:
-            if translated.pin_block is not None:
-                fwd["52"] = translated.pin_block
-                return fwd
-            error = translated.pin_error or "??"
-            if error in _BAD_PIN_BLOCK_ERRORS:
-                raise _Decline(RC.WRONG_PIN)
-            self.log.warning("hsm_failed", step="translate_pin", error=error)
-            raise _Decline(RC.SYSTEM_MALFUNCTION)
         try:
-            fwd["52"] = await self.hsm.translate_pin(
-                self._tpk, self._zpk, block, account_number_12(msg["2"])
-            )
+            if translated is not None:  # read only now: the MAC is good, the limits passed
+                fwd["52"] = translated.pin_block()
+            else:
+                fwd["52"] = await self.hsm.translate_pin(
+                    self._tpk, self._zpk, block, account_number_12(msg["2"])
+                )
         except HsmCommandFailed as exc:
             if exc.error in _BAD_PIN_BLOCK_ERRORS:
                 raise _Decline(RC.WRONG_PIN) from None

@@ -32,14 +32,21 @@ class HsmCommandFailed(UpstreamError):
 class MacAndPin:
     """The answers of M8 (verify a MAC) and CA (translate a PIN block) asked together.
 
-    ``mac_ok`` is the MAC verdict. Only when it is True is anything else filled in: the
-    translated PIN block (``pin_block``), or CA's error code when the translation failed
-    (``pin_error``). When the MAC is wrong, CA's answer is never read.
+    ``mac_ok`` is the MAC verdict. CA's answer is kept unread (``pin_response``) and only
+    :meth:`pin_block` reads it, which refuses to while the MAC is not good.
     """
 
     mac_ok: bool
-    pin_block: str | None = None
-    pin_error: str | None = None
+    pin_response: HsmResponse | None = None
+
+    def pin_block(self) -> str:
+        """The translated PIN block, read as :meth:`HsmClient.translate_pin` reads it:
+        raises :class:`HsmCommandFailed` (``"CA"``) when CA answered an error (20/23/24:
+        the PIN block itself is bad). Raises :class:`ValueError` when the MAC was not good:
+        such a block must never be used."""
+        if not self.mac_ok or self.pin_response is None:
+            raise ValueError("the MAC did not verify: the PIN block must not be used")
+        return _translated_block(self.pin_response)
 
 
 class MacAndPinRequests(NamedTuple):
@@ -47,6 +54,14 @@ class MacAndPinRequests(NamedTuple):
 
     mac: tuple[bytes, Hashable]
     pin: tuple[bytes, Hashable]
+
+
+def _translated_block(resp: HsmResponse) -> str:
+    """CA's answer read: the PIN block under the destination key, or HsmCommandFailed."""
+    if resp.error != "00":
+        raise HsmCommandFailed("CA", resp.error)
+    _length, block = protocol.ca_result(resp)
+    return block
 
 
 def decode_hsm_keyed(payload: bytes) -> tuple[Hashable, HsmResponse]:
@@ -113,10 +128,7 @@ class HsmClient:
         """
         h = self._header()
         resp = await self._call(protocol.build_ca(h, tpk, zpk, pin_block, account12), h)
-        if resp.error != "00":
-            raise HsmCommandFailed("CA", resp.error)
-        _length, block = protocol.ca_result(resp)
-        return block
+        return _translated_block(resp)
 
     async def verify_pin(
         self, zpk: str, pvk: str, pin_block: str, account12: str, pvki: str, pvv: str
@@ -183,10 +195,7 @@ class HsmClient:
             requests, timeout=self._timeout, resend_safe=True
         )
         if verdict.error == "01":
-            return MacAndPin(mac_ok=False)
+            return MacAndPin(mac_ok=False)  # CA's answer is dropped unread
         if verdict.error != "00":
             raise HsmCommandFailed("M8", verdict.error)
-        if translated.error != "00":
-            return MacAndPin(mac_ok=True, pin_error=translated.error)
-        _length, block = protocol.ca_result(translated)
-        return MacAndPin(mac_ok=True, pin_block=block)
+        return MacAndPin(mac_ok=True, pin_response=translated)

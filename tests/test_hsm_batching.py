@@ -101,8 +101,9 @@ async def test_hsm_client_mac_verdict_first(nursery: trio.Nursery, tmp_path: Pat
 
     _d, _m, requests = _mac_and_pin(client, keys, mac_ok=True, pin_block=good_block)
     both = await client.verify_mac_and_translate_pin(requests)  # type: ignore[arg-type]
-    assert both.mac_ok and both.pin_error is None
-    assert both.pin_block is not None and both.pin_block != good_block
+    assert both.mac_ok
+    translated = both.pin_block()
+    assert translated != good_block
     # The same translation as the one-command call gives.
     alone = await client.translate_pin(
         keys.keys["TPK"].under_lmk,
@@ -110,16 +111,20 @@ async def test_hsm_client_mac_verdict_first(nursery: trio.Nursery, tmp_path: Pat
         good_block,
         account_number_12(DEMO_PAN),
     )
-    assert both.pin_block == alone
+    assert translated == alone
 
     _d, _m, requests = _mac_and_pin(client, keys, mac_ok=False, pin_block=good_block)
     wrong = await client.verify_mac_and_translate_pin(requests)  # type: ignore[arg-type]
-    assert not wrong.mac_ok and wrong.pin_block is None and wrong.pin_error is None
+    assert not wrong.mac_ok and wrong.pin_response is None
+    with pytest.raises(ValueError):
+        wrong.pin_block()  # a block behind a wrong MAC is never handed out
 
     _d, _m, requests = _mac_and_pin(client, keys, mac_ok=True, pin_block="0" * 16)
     bad_pin = await client.verify_mac_and_translate_pin(requests)  # type: ignore[arg-type]
-    assert bad_pin.mac_ok and bad_pin.pin_block is None
-    assert bad_pin.pin_error in {"20", "23", "24"}
+    assert bad_pin.mac_ok
+    with pytest.raises(HsmCommandFailed) as caught:
+        bad_pin.pin_block()
+    assert caught.value.command == "CA" and caught.value.error in {"20", "23", "24"}
 
 
 async def test_an_m8_error_other_than_01_fails_the_pair(
