@@ -13,7 +13,9 @@ import trio
 from shared.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from shared.iso.framing import FrameParser, encode_frame
 from shared.net import tcp
-from shared.net.tcp import Deadlines, MultiplexedConnection
+from shared.net.tcp import Deadlines, FramedServer, MultiplexedConnection
+from shared.ops.log import get_logger
+from shared.ops.metrics import ServiceMetrics
 
 
 class _Item:
@@ -370,3 +372,39 @@ async def test_a_peer_that_stops_reading_gets_the_connection_closed(
     assert caught.value.sent
     await _wait_until(lambda: conn.closed)
     assert conn.in_flight == 0
+
+
+# -- the server's send side ---------------------------------------------------------------------
+async def test_a_task_per_frame_server_answers_every_pipelined_frame_within_its_slots(
+    nursery: trio.Nursery,
+) -> None:
+    """Answers handed to a busy sender are sent by it, and only then free their slot: with
+    8 slots, 500 pipelined frames are all answered (a lost slot would stall the reader)."""
+
+    async def handler(payload: bytes, _peer: str) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return payload + b"!"
+
+    server = FramedServer(
+        "test",
+        handler,
+        host="127.0.0.1",
+        port=0,
+        metrics=ServiceMetrics("test"),
+        log=get_logger("test"),
+        max_in_flight=8,
+    )
+    port = await nursery.start(server.run)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    frames = [f"{i:04d}".encode() for i in range(500)]
+    await stream.send_all(b"".join(encode_frame(f) for f in frames))
+    parser = FrameParser()
+    answers: list[bytes] = []
+    with trio.fail_after(10):
+        while len(answers) < len(frames):
+            data = await stream.receive_some(65536)
+            assert data, "closed before every answer came"
+            answers.extend(parser.frames(data))
+    assert sorted(answers) == sorted(f + b"!" for f in frames)
+    await stream.aclose()
+    server.shutdown(0)

@@ -43,8 +43,10 @@ class FramedServer:
 
     Contract:
     * each frame is handled in its own task; answers may leave out of order;
-    * at most ``max_in_flight`` frames per connection are in progress; beyond it the
-      server stops reading that connection (TCP back-pressure), it does not drop frames;
+    * at most ``max_in_flight`` frames per connection are in progress (being handled, or
+      their answer waiting to be sent); beyond it the server stops reading that connection
+      (TCP back-pressure), it does not drop frames. A handler's task ends as soon as its
+      answer is handed to the connection's sender: it does not wait for the send;
     * a handler exception is logged and counted; the connection and the server live on;
     * a connection beyond ``max_connections_per_source`` from one address, or beyond
       ``max_connections`` overall (0: no limit), is closed at once, logged and counted;
@@ -348,6 +350,7 @@ class FramedServer:
         sender: FrameSender,
         slots: trio.Semaphore,
     ) -> None:
+        handed_over = False  # the sender releases the slot once the answer is out
         try:
             try:
                 response = await self._handler(frame, peer)
@@ -359,9 +362,11 @@ class FramedServer:
                 return
             out = self._framed(response)
             if out is not None:
-                await _send_quietly(sender, out)
+                handed_over = True
+                await sender.send_answer(out, slots.release)
         finally:
-            slots.release()
+            if not handed_over:
+                slots.release()
 
 
 def read_deadline(
@@ -438,7 +443,9 @@ class FrameSender:
     def __init__(self, stream: trio.abc.Stream, max_batch: int = 256) -> None:
         self._stream = stream
         self._max_batch = max_batch
-        self._pending: list[tuple[bytes, _Ticket]] = []
+        #: Queued frames: (bytes, the ticket of a caller waiting for them, or None and the
+        #: callback of an answer nobody waits for).
+        self._pending: list[tuple[bytes, _Ticket | None, Callable[[], None] | None]] = []
         self._writing = False
 
     @property
@@ -453,10 +460,10 @@ class FrameSender:
             try:
                 await self._write(data)
             finally:
-                self._hand_over()
+                await self._drain()
             return
         ticket = _Ticket()
-        self._pending.append((data, ticket))
+        self._pending.append((data, ticket, None))
         try:
             await ticket.wake.wait()
         except BaseException:
@@ -467,40 +474,75 @@ class FrameSender:
         if ticket.error is not None:
             raise ticket.error
 
+    async def send_answer(self, data: bytes, on_sent: Callable[[], None]) -> None:
+        """Send ``data`` for a caller that does not wait for it: at once when nobody is
+        sending, else queued (returns at once) and sent by whoever sends next.
+
+        ``on_sent`` is called exactly once, when the bytes are out or their send failed
+        (a server releases the request's in-flight slot then, so answers waiting to be
+        sent still count against its limit). Errors are not raised: a peer that is gone
+        is the reader's business.
+        """
+        if self._writing:
+            self._pending.append((data, None, on_sent))
+            return
+        self._writing = True
+        try:
+            await self._write(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            on_sent()
+            await self._drain()
+
     async def _write(self, data: bytes) -> None:
         await _write_frames(self._stream, data)
+
+    async def _write_batch(self) -> None:
+        """Send the oldest queued frames (up to ``max_batch``) and settle them."""
+        batch = self._pending[: self._max_batch]
+        del self._pending[: self._max_batch]
+        error: BaseException | None = None
+        try:
+            await self._write(batch[0][0] if len(batch) == 1 else b"".join(d for d, _, _ in batch))
+        except Exception as exc:
+            error = exc
+        for _, ticket, on_sent in batch:
+            if ticket is not None:
+                ticket.error = error
+                ticket.finished = True
+                ticket.wake.set()
+            elif on_sent is not None:
+                on_sent()
 
     async def _lead(self, own: _Ticket) -> None:
         """Send queued frames in batches until ``own`` is out, then hand over."""
         try:
             while not own.finished:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
-                error: BaseException | None = None
-                try:
-                    await self._write(
-                        batch[0][0] if len(batch) == 1 else b"".join(d for d, _ in batch)
-                    )
-                except Exception as exc:
-                    error = exc
-                for _, ticket in batch:
-                    ticket.error = error
-                    ticket.finished = True
-                    ticket.wake.set()
+                await self._write_batch()
         finally:
-            self._hand_over()
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """Before handing over: send the answers nobody waits for at the front of the
+        queue (nobody else would), then wake the oldest waiting caller, or stop."""
+        while self._pending and self._pending[0][1] is None:
+            await self._write_batch()
+        self._hand_over()
 
     def _hand_over(self) -> None:
         """The oldest waiting caller sends next; with none, nobody is sending."""
         if self._pending:
-            self._pending[0][1].wake.set()
+            ticket = self._pending[0][1]
+            assert ticket is not None  # _drain sent the answers in front
+            ticket.wake.set()
         else:
             self._writing = False
 
     def _withdraw(self, ticket: _Ticket) -> None:
         """A waiting caller was cancelled: drop its frame if it is still queued, and if it
         had just been made the sender, pass that on."""
-        for index, (_, waiting) in enumerate(self._pending):
+        for index, (_, waiting, _cb) in enumerate(self._pending):
             if waiting is ticket:
                 del self._pending[index]
                 break
