@@ -58,7 +58,8 @@ from gateway.standin import (
     is_payment,
     reversal_of,
 )
-from hsm.client import HsmClient, HsmCommandFailed, HsmDialect, decode_hsm_keyed
+from hsm.client import HsmClient, HsmCommandFailed, HsmDialect, MacAndPin, decode_hsm_keyed
+from hsm.errors import HsmProtocolError
 from hsm.keyfile import KeyFile, load_key_file
 from shared.errors import DecodeError, UpstreamError, ValidationError
 from shared.iso import codec
@@ -208,10 +209,10 @@ class GatewayService(IsoService):
         forward: Message | None = None
         try:
             self._check_limit(self.limits.check_request(msg))
-            await self._check_mac(frame)
+            translated = await self._check_mac(frame)
             pan = msg.get("2")
             self._check_limit(self.limits.check_payment(msg, self.pan_hash(pan) if pan else None))
-            forward = await self._translate_pin(msg)
+            forward = await self._translate_pin(msg, translated)
             response, journaled = await self._forward(forward, msg, received_at)
         except _Decline as d:
             response = make_response(msg, d.code)
@@ -248,30 +249,75 @@ class GatewayService(IsoService):
             self.log.info("rate_limited", limit=limit)
             raise _Decline(RC.ACTIVITY_LIMIT)
 
-    async def _check_mac(self, frame: IsoFrame) -> None:
-        placed = codec.mac_input_of_received(frame.raw, frame.msg)
+    async def _check_mac(self, frame: IsoFrame) -> MacAndPin | None:
+        """Verify the acquirer's MAC (M8) -> 63 if wrong, 96 if the HSM fails.
+
+        A message with a PIN block has it translated in the same HSM round trip (M8 and CA
+        together, see docs/security.md): the result is returned for
+        :meth:`_translate_pin` only once the MAC is known good; with a wrong MAC it is
+        dropped here, unread, and the answer is the 63 it always was. None: no PIN block
+        (or one the combined request could not be built for: the steps then run one
+        after the other, as they always did).
+        """
+        msg = frame.msg
+        placed = codec.mac_input_of_received(frame.raw, msg)
         if placed is None:
             raise _Decline(RC.FORMAT_ERROR)  # MAC in the wrong field for this message
         mac, data = placed
+        block = msg.get("52")
+        both: MacAndPin | None = None
         try:
-            ok = await self.hsm.verify_mac(KEY_TYPE_TAK, self._tak, data, mac)
+            if block is not None:
+                both = await self._verify_mac_and_translate(data, mac, block, msg)
+                ok = both is None or both.mac_ok
+            if both is None:
+                ok = await self.hsm.verify_mac(KEY_TYPE_TAK, self._tak, data, mac)
         except UpstreamError as exc:
             self.log.warning("hsm_failed", step="verify_mac", error=str(exc))
             raise _Decline(RC.SYSTEM_MALFUNCTION) from None
         if not ok:
-            self.log.warning("mac_mismatch", rrn=frame.msg.get("37"))
+            self.log.warning("mac_mismatch", rrn=msg.get("37"))
             raise _Decline(RC.SECURITY_VIOLATION)
+        return both
 
-    async def _translate_pin(self, msg: Message) -> Message:
-        """The message to forward: no MAC, PIN block (if any) under billing's ZPK."""
+    async def _verify_mac_and_translate(
+        self, data: bytes, mac: str, block: str, msg: Message
+    ) -> MacAndPin | None:
+        """M8 and CA in one round trip; None (nothing sent) when CA cannot be built for this
+        message, so that the old order decides its answer."""
+        try:
+            requests = self.hsm.mac_and_pin_requests(
+                KEY_TYPE_TAK,
+                self._tak,
+                data,
+                mac,
+                tpk=self._tpk,
+                zpk=self._zpk,
+                pin_block=block,
+                account12=account_number_12(msg["2"]),
+            )
+        except (KeyError, HsmProtocolError):
+            return None  # validation makes this unreachable; kept to never change an answer
+        return await self.hsm.verify_mac_and_translate_pin(requests)
+
+    async def _translate_pin(self, msg: Message, translated: MacAndPin | None = None) -> Message:
+        """The message to forward: no MAC, PIN block (if any) under billing's ZPK.
+
+        ``translated``: CA's answer, already asked together with M8 (:meth:`_check_mac`) and
+        read the same way; without it, CA is asked now. Either way: 55 when the block is
+        not a PIN at all, 96 when the HSM fails.
+        """
         fwd = {k: v for k, v in msg.items() if k not in ("64", "128")}
         block = msg.get("52")
         if block is None:
             return fwd
         try:
-            fwd["52"] = await self.hsm.translate_pin(
-                self._tpk, self._zpk, block, account_number_12(msg["2"])
-            )
+            if translated is not None:  # read only now: the MAC is good, the limits passed
+                fwd["52"] = translated.pin_block()
+            else:
+                fwd["52"] = await self.hsm.translate_pin(
+                    self._tpk, self._zpk, block, account_number_12(msg["2"])
+                )
         except HsmCommandFailed as exc:
             if exc.error in _BAD_PIN_BLOCK_ERRORS:
                 raise _Decline(RC.WRONG_PIN) from None

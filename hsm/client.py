@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from hsm import protocol
 from hsm.protocol import HsmResponse
@@ -24,6 +26,42 @@ class HsmCommandFailed(UpstreamError):
         super().__init__(f"HSM {command} failed with error {error}")
         self.command = command
         self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class MacAndPin:
+    """The answers of M8 (verify a MAC) and CA (translate a PIN block) asked together.
+
+    ``mac_ok`` is the MAC verdict. CA's answer is kept unread (``pin_response``) and only
+    :meth:`pin_block` reads it, which refuses to while the MAC is not good.
+    """
+
+    mac_ok: bool
+    pin_response: HsmResponse | None = None
+
+    def pin_block(self) -> str:
+        """The translated PIN block, read as :meth:`HsmClient.translate_pin` reads it:
+        raises :class:`HsmCommandFailed` (``"CA"``) when CA answered an error (20/23/24:
+        the PIN block itself is bad). Raises :class:`ValueError` when the MAC was not good:
+        such a block must never be used."""
+        if not self.mac_ok or self.pin_response is None:
+            raise ValueError("the MAC did not verify: the PIN block must not be used")
+        return _translated_block(self.pin_response)
+
+
+class MacAndPinRequests(NamedTuple):
+    """M8 and CA as ``(payload, header)`` pairs, ready to go together."""
+
+    mac: tuple[bytes, Hashable]
+    pin: tuple[bytes, Hashable]
+
+
+def _translated_block(resp: HsmResponse) -> str:
+    """CA's answer read: the PIN block under the destination key, or HsmCommandFailed."""
+    if resp.error != "00":
+        raise HsmCommandFailed("CA", resp.error)
+    _length, block = protocol.ca_result(resp)
+    return block
 
 
 def decode_hsm_keyed(payload: bytes) -> tuple[Hashable, HsmResponse]:
@@ -90,10 +128,7 @@ class HsmClient:
         """
         h = self._header()
         resp = await self._call(protocol.build_ca(h, tpk, zpk, pin_block, account12), h)
-        if resp.error != "00":
-            raise HsmCommandFailed("CA", resp.error)
-        _length, block = protocol.ca_result(resp)
-        return block
+        return _translated_block(resp)
 
     async def verify_pin(
         self, zpk: str, pvk: str, pin_block: str, account12: str, pvki: str, pvv: str
@@ -124,3 +159,43 @@ class HsmClient:
         if resp.error == "01":
             return False
         raise HsmCommandFailed("M8", resp.error)
+
+    def mac_and_pin_requests(
+        self,
+        key_type: str,
+        key: str,
+        data: bytes,
+        mac: str,
+        *,
+        tpk: str,
+        zpk: str,
+        pin_block: str,
+        account12: str,
+    ) -> MacAndPinRequests:
+        """M8 (verify ``mac`` over ``data``) and CA (translate ``pin_block`` from ``tpk`` to
+        ``zpk``), built for :meth:`verify_mac_and_translate_pin`. Sends nothing; raises
+        :class:`~hsm.errors.HsmProtocolError` when an argument does not fit a layout."""
+        h_mac, h_pin = self._header(), self._header()
+        return MacAndPinRequests(
+            (protocol.build_m8(h_mac, key_type, key, data, mac), h_mac),
+            (protocol.build_ca(h_pin, tpk, zpk, pin_block, account12), h_pin),
+        )
+
+    async def verify_mac_and_translate_pin(self, requests: MacAndPinRequests) -> MacAndPin:
+        """M8 and CA in one round trip: both commands (one per frame, as the HSM expects)
+        leave in one write on one connection and the caller is woken once, when both
+        answers are in (:meth:`Upstream.call_many`).
+
+        The MAC verdict comes first: with a wrong MAC (M8 error 01) the result holds only
+        ``mac_ok=False`` and the translated block is discarded unread. Raises
+        :class:`HsmCommandFailed` when M8 answers any other error (whatever CA answered),
+        and :class:`~shared.errors.UpstreamError` when the link fails (for both commands).
+        """
+        verdict, translated = await self._link.call_many(
+            requests, timeout=self._timeout, resend_safe=True
+        )
+        if verdict.error == "01":
+            return MacAndPin(mac_ok=False)  # CA's answer is dropped unread
+        if verdict.error != "00":
+            raise HsmCommandFailed("M8", verdict.error)
+        return MacAndPin(mac_ok=True, pin_response=translated)

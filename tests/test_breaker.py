@@ -1136,3 +1136,19 @@ class BreakerMachine(RuleBasedStateMachine):
 
 BreakerMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 TestBreakerMachine = BreakerMachine.TestCase
+
+
+def test_closed_calls_share_one_permit_until_the_state_changes() -> None:
+    clock = FakeClock()
+    b = CircuitBreaker("up", BreakerConfig(consecutive_failures=1), clock)
+    first, second = b.acquire(), b.acquire()
+    assert first is not None and first is second  # no allocation per call while closed
+    assert first == Permit(0, trial=False)
+    b.record(first, success=True)
+    b.record(second, success=False)  # opens
+    assert b.state is S.OPEN
+    b.reset()
+    fresh = b.acquire()
+    assert fresh is not None and fresh.generation == b.generation and fresh is not first
+    b.record(first, success=False)  # the old generation's permit is stale
+    assert b.state is S.CLOSED and b.stale == 1

@@ -41,9 +41,9 @@ PANS = [card.pan for card in DEMO_CARDS]
 PAYMENT_HOPS = [
     ("terminal", "acquirer", "POST /payments"),
     ("acquirer", "gateway", "0200"),
-    ("gateway", "hsm", "M8"),
-    ("hsm", "gateway", "M9"),
+    ("gateway", "hsm", "M8"),  # M8 and CA leave together (one round trip)
     ("gateway", "hsm", "CA"),
+    ("hsm", "gateway", "M9"),
     ("hsm", "gateway", "CB"),
     ("gateway", "billing", "0200"),
     ("billing", "hsm", "EC"),

@@ -311,7 +311,10 @@ class UpstreamPool(Generic[T]):
         self._gate_event = trio.Event()  # set whenever the gate (breaker) changes state
         self._closing = False
         self._nursery: trio.Nursery | None = None
-        metrics.upstream_calls.labels(name, "ok")
+        # The series of every successful call, looked up once (a lookup per call costs
+        # about as much as the increment).
+        self._ok_calls = metrics.upstream_calls_of(name, "ok")
+        self._call_duration = metrics.upstream_duration_of(name)
         metrics.unmatched_responses.labels(name)
         for state in ConnState:
             metrics.upstream_connections.labels(name, state.value)
@@ -618,33 +621,76 @@ class UpstreamPool(Generic[T]):
         start = trio.current_time()
         slot = self._pick()
         if slot is None:
-            with trio.move_on_after(min(timeout, self.config.connect_timeout)):
-                while slot is None and not self._closing:
-                    if self.healthy_count:
-                        raise PoolExhausted(f"every connection to {self.name} is full")
-                    await self._changed.wait()
-                    slot = self._pick()
-            if slot is None:
-                self._metrics.upstream_calls.labels(self.name, "unavailable").inc()
-                raise NoHealthyConnection(f"no healthy connection to {self.name}")
+            slot, timeout = await self._wait_for_slot(start, timeout)
+        conn = self._take(slot, start)
+        try:
+            result = await conn.request(payload, key, timeout)
+        except UpstreamError as exc:
+            self._count_failure(slot, exc, 1)
+            raise
+        self._ok_calls.inc()
+        self._call_duration.observe(trio.current_time() - start)
+        self.window.add(True)
+        return result
+
+    async def call_many(
+        self, requests: Sequence[tuple[bytes, Hashable]], timeout: float
+    ) -> list[T]:
+        """One attempt of several ``(payload, key)`` requests on **one** connection, sent
+        in one write, answered together (:meth:`MultiplexedConnection.request_many`).
+
+        The rules of :meth:`call` for the group: it waits for a healthy connection the
+        same way, and raises what ``request_many`` raises (the whole group fails). Each
+        request counts as one call in the metrics and the outcome window.
+        """
+        start = trio.current_time()
+        slot = self._pick()
+        if slot is None:
+            slot, timeout = await self._wait_for_slot(start, timeout)
+        conn = self._take(slot, start)
+        n = len(requests)
+        try:
+            results = await conn.request_many(requests, timeout)
+        except UpstreamError as exc:
+            self._count_failure(slot, exc, n)
+            raise
+        self._ok_calls.inc(n)
+        elapsed = trio.current_time() - start
+        for _ in range(n):
+            self._call_duration.observe(elapsed)
+            self.window.add(True)
+        return results
+
+    async def _wait_for_slot(self, start: float, timeout: float) -> tuple[_Slot[T], float]:
+        """No healthy connection has room: wait (up to ``connect_timeout``, within
+        ``timeout``) for one; returns it and the time left of ``timeout``."""
+        slot: _Slot[T] | None = None
+        with trio.move_on_after(min(timeout, self.config.connect_timeout)):
+            while slot is None and not self._closing:
+                if self.healthy_count:
+                    raise PoolExhausted(f"every connection to {self.name} is full")
+                await self._changed.wait()
+                slot = self._pick()
+        if slot is None:
+            self._metrics.upstream_calls_of(self.name, "unavailable").inc()
+            raise NoHealthyConnection(f"no healthy connection to {self.name}")
+        return slot, max(timeout - (trio.current_time() - start), 0.001)
+
+    def _take(self, slot: _Slot[T], now: float) -> MultiplexedConnection[T]:
+        """``slot``'s connection, for a request starting ``now``."""
         conn = slot.conn
         assert conn is not None
         self._grow_if_busy(slot)
         slot.requests += 1
-        slot.last_used = trio.current_time()
-        remaining = max(timeout - (trio.current_time() - start), 0.001)
-        try:
-            result = await conn.request(payload, key, remaining)
-        except UpstreamError as exc:
-            outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unavailable"
-            self._metrics.upstream_calls_of(self.name, outcome).inc()
-            slot.errors += 1
+        slot.last_used = now
+        return conn
+
+    def _count_failure(self, slot: _Slot[T], exc: UpstreamError, n: int) -> None:
+        outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unavailable"
+        self._metrics.upstream_calls_of(self.name, outcome).inc(n)
+        slot.errors += 1
+        for _ in range(n):
             self.window.add(False)
-            raise
-        self._metrics.upstream_calls_of(self.name, "ok").inc()
-        self._metrics.upstream_duration_of(self.name).observe(trio.current_time() - start)
-        self.window.add(True)
-        return result
 
     def record_answer_failure(self) -> None:
         """An answer came but says the upstream failed (a 91/96): it counts as an error."""

@@ -9,10 +9,10 @@ a key; :class:`shared.net.pool.UpstreamPool` keeps several of them to a peer.
 
 from __future__ import annotations
 
+import heapq
 import math
 import ssl
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import trio
@@ -21,7 +21,6 @@ from shared.errors import FramingError, UpstreamError, UpstreamTimeout, Upstream
 from shared.iso.framing import DEFAULT_MAX_FRAME, FrameParser, HeaderKind, encode_frame
 from shared.ops.metrics import ServiceMetrics
 from shared.resilience.ratelimit import ConnectionLimiter
-from shared.store.group_commit import GroupCommit
 
 T = TypeVar("T")
 _READ_SIZE = 65536
@@ -44,8 +43,10 @@ class FramedServer:
 
     Contract:
     * each frame is handled in its own task; answers may leave out of order;
-    * at most ``max_in_flight`` frames per connection are in progress; beyond it the
-      server stops reading that connection (TCP back-pressure), it does not drop frames;
+    * at most ``max_in_flight`` frames per connection are in progress (being handled, or
+      their answer waiting to be sent); beyond it the server stops reading that connection
+      (TCP back-pressure), it does not drop frames. A handler's task ends as soon as its
+      answer is handed to the connection's sender: it does not wait for the send;
     * a handler exception is logged and counted; the connection and the server live on;
     * a connection beyond ``max_connections_per_source`` from one address, or beyond
       ``max_connections`` overall (0: no limit), is closed at once, logged and counted;
@@ -302,7 +303,10 @@ class FramedServer:
                             elif not await _send_quietly(sender, b"".join(batch)):
                                 return
                         continue
-                    await slots.acquire()
+                    if slots.value:
+                        slots.acquire_nowait()  # room: no checkpoint per frame
+                    else:
+                        await slots.acquire()  # full: stop reading (back-pressure)
                     nursery.start_soon(self._handle_one, peer, frame, sender, slots)
             finally:
                 if answers:
@@ -346,6 +350,7 @@ class FramedServer:
         sender: FrameSender,
         slots: trio.Semaphore,
     ) -> None:
+        handed_over = False  # the sender releases the slot once the answer is out
         try:
             try:
                 response = await self._handler(frame, peer)
@@ -357,9 +362,11 @@ class FramedServer:
                 return
             out = self._framed(response)
             if out is not None:
-                await _send_quietly(sender, out)
+                handed_over = True
+                await sender.send_answer(out, slots.release)
         finally:
-            slots.release()
+            if not handed_over:
+                slots.release()
 
 
 def read_deadline(
@@ -400,37 +407,235 @@ async def _send_quietly(sender: FrameSender, out: bytes) -> bool:
 #: Seconds a send may wait for a peer that does not read before its connection is closed.
 SEND_TIMEOUT = 10.0
 
-#: Sends whole frames on one stream (see :func:`frame_sender`).
-FrameSender = GroupCommit[bytes, None]
+
+class _Ticket:
+    """A frame waiting for the sender (see :class:`FrameSender`)."""
+
+    __slots__ = ("error", "finished", "wake")
+
+    def __init__(self) -> None:
+        #: Set when the frame is sent (``finished``) or when this caller must send next.
+        self.wake = trio.Event()
+        self.finished = False
+        self.error: BaseException | None = None
+
+
+class FrameSender:
+    """Sends whole frames on one stream, one writer at a time.
+
+    Contract:
+    * a caller that finds nobody sending sends its bytes at once (no queue, no event);
+    * frames handed in while a send is in progress go out together in the next send, made
+      by the oldest of their callers (under load: one system call, and one TLS record, for
+      many frames); that caller sends until its own frame is out, then hands over;
+    * a send, once started, is finished even if its caller is cancelled (it runs shielded),
+      so a frame is never cut in half on the wire; a caller cancelled while its frame is
+      still queued is withdrawn and its frame never goes out;
+    * a peer that stops reading for :data:`SEND_TIMEOUT` seconds gets its stream closed
+      (part of a frame may be out: the byte stream is unusable) and
+      :class:`trio.BrokenResourceError`;
+    * errors of the stream (broken, closed) reach every caller whose bytes were in the
+      failed send; later callers get the stream's own error on their attempt.
+    """
+
+    __slots__ = ("_max_batch", "_pending", "_stream", "_writing")
+
+    def __init__(self, stream: trio.abc.Stream, max_batch: int = 256) -> None:
+        self._stream = stream
+        self._max_batch = max_batch
+        #: Queued frames: (bytes, the ticket of a caller waiting for them, or None and the
+        #: callback of an answer nobody waits for).
+        self._pending: list[tuple[bytes, _Ticket | None, Callable[[], None] | None]] = []
+        self._writing = False
+
+    @property
+    def busy(self) -> bool:
+        """True while a send is in progress."""
+        return self._writing
+
+    async def submit(self, data: bytes) -> None:
+        """Send ``data`` (whole frames) on the stream; see the class docstring."""
+        if not self._writing:
+            self._writing = True
+            try:
+                await self._write(data)
+            finally:
+                await self._drain()
+            return
+        ticket = _Ticket()
+        self._pending.append((data, ticket, None))
+        try:
+            await ticket.wake.wait()
+        except BaseException:
+            self._withdraw(ticket)
+            raise
+        if not ticket.finished:
+            await self._lead(ticket)
+        if ticket.error is not None:
+            raise ticket.error
+
+    async def send_answer(self, data: bytes, on_sent: Callable[[], None]) -> None:
+        """Send ``data`` for a caller that does not wait for it: at once when nobody is
+        sending, else queued (returns at once) and sent by whoever sends next.
+
+        ``on_sent`` is called exactly once, when the bytes are out or their send failed
+        (a server releases the request's in-flight slot then, so answers waiting to be
+        sent still count against its limit). Errors are not raised: a peer that is gone
+        is the reader's business.
+        """
+        if self._writing:
+            self._pending.append((data, None, on_sent))
+            return
+        self._writing = True
+        try:
+            await self._write(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            on_sent()
+            await self._drain()
+
+    async def _write(self, data: bytes) -> None:
+        await _write_frames(self._stream, data)
+
+    async def _write_batch(self) -> None:
+        """Send the oldest queued frames (up to ``max_batch``) and settle them."""
+        batch = self._pending[: self._max_batch]
+        del self._pending[: self._max_batch]
+        error: BaseException | None = None
+        try:
+            await self._write(batch[0][0] if len(batch) == 1 else b"".join(d for d, _, _ in batch))
+        except Exception as exc:
+            error = exc
+        for _, ticket, on_sent in batch:
+            if ticket is not None:
+                ticket.error = error
+                ticket.finished = True
+                ticket.wake.set()
+            elif on_sent is not None:
+                on_sent()
+
+    async def _lead(self, own: _Ticket) -> None:
+        """Send queued frames in batches until ``own`` is out, then hand over."""
+        try:
+            while not own.finished:
+                await self._write_batch()
+        finally:
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """Before handing over: send the answers nobody waits for at the front of the
+        queue (nobody else would), then wake the oldest waiting caller, or stop."""
+        while self._pending and self._pending[0][1] is None:
+            await self._write_batch()
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """The oldest waiting caller sends next; with none, nobody is sending."""
+        if self._pending:
+            ticket = self._pending[0][1]
+            assert ticket is not None  # _drain sent the answers in front
+            ticket.wake.set()
+        else:
+            self._writing = False
+
+    def _withdraw(self, ticket: _Ticket) -> None:
+        """A waiting caller was cancelled: drop its frame if it is still queued, and if it
+        had just been made the sender, pass that on."""
+        for index, (_, waiting, _cb) in enumerate(self._pending):
+            if waiting is ticket:
+                del self._pending[index]
+                break
+        if ticket.wake.is_set() and not ticket.finished:
+            self._hand_over()
+
+
+async def _write_frames(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send ``data`` whole: shielded (a started send finishes, so a frame is never cut in
+    half), within :data:`SEND_TIMEOUT` (a peer that stops reading gets its stream closed
+    and :class:`trio.BrokenResourceError`: part of a frame may be out, the stream is
+    unusable). One cancel scope serves both rules."""
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_TIMEOUT) as scope:
+        await stream.send_all(data)
+    if scope.cancelled_caught:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+        raise trio.BrokenResourceError(f"send stalled for {SEND_TIMEOUT:g} s; closed")
 
 
 def frame_sender(stream: trio.abc.Stream) -> FrameSender:
-    """Sends frames on ``stream``, one writer at a time: frames handed in while a send is
-    in progress go out together in the next one. Under load that is one system call (and
-    one TLS record) for many frames; an idle connection sends at once, as before. A send,
-    once started, is finished even if its caller is cancelled, so a frame is never cut
-    in half on the wire; a peer that stops reading for :data:`SEND_TIMEOUT` seconds gets its
-    connection closed. Errors of the stream (broken, closed) reach every caller whose frame
-    was in the failed send."""
-
-    async def write(frames: Sequence[bytes]) -> list[None]:
-        with trio.move_on_after(SEND_TIMEOUT) as waited:
-            await stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
-        if waited.cancelled_caught:
-            # The peer stopped reading. Part of a frame may be out, so the byte stream is
-            # unusable: close it (its reader ends too) rather than block forever.
-            await trio.aclose_forcefully(stream)
-            raise trio.BrokenResourceError(f"send stalled for {SEND_TIMEOUT:g} s; closed")
-        return [None] * len(frames)
-
-    return GroupCommit(write, max_batch=256)
+    """The :class:`FrameSender` of ``stream`` (whole frames, one writer at a time)."""
+    return FrameSender(stream)
 
 
-@dataclass(slots=True)
+W = TypeVar("W")
+
+
+class Deadlines(Generic[W]):
+    """The pending deadlines of one connection's waiters (sans-IO, no clock of its own).
+
+    :meth:`add` files an item under its deadline; :meth:`expired` takes out the items whose
+    deadline has come (``deadline <= now``) and are still live; :meth:`earliest` is the
+    nearest deadline of a live item (None: none), the time a sweeper should next look.
+    An item stops being live when ``is_done(item)`` says so (it was answered, or its caller
+    gave up): it is then dropped lazily, when it reaches the front, so that finishing a
+    request costs nothing here. Items with equal deadlines come out in the order added.
+    """
+
+    __slots__ = ("_heap", "_is_done", "_seq")
+
+    def __init__(self, is_done: Callable[[W], bool]) -> None:
+        self._heap: list[tuple[float, int, W]] = []
+        self._is_done = is_done
+        self._seq = 0
+
+    def __len__(self) -> int:
+        """Entries held, live or not yet dropped."""
+        return len(self._heap)
+
+    def add(self, deadline: float, item: W) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (deadline, self._seq, item))
+
+    def expired(self, now: float) -> list[W]:
+        """The live items whose deadline is ``<= now``, in deadline order (taken out)."""
+        heap = self._heap
+        out: list[W] = []
+        while heap and heap[0][0] <= now:
+            item = heapq.heappop(heap)[2]
+            if not self._is_done(item):
+                out.append(item)
+        return out
+
+    def earliest(self) -> float | None:
+        """The nearest deadline of a live item, or None (finished items in front are dropped)."""
+        heap = self._heap
+        while heap:
+            deadline, _seq, item = heap[0]
+            if not self._is_done(item):
+                return deadline
+            heapq.heappop(heap)
+        return None
+
+
 class _Waiter:
-    event: trio.Event = field(default_factory=trio.Event)
-    result: Any = None
-    error: BaseException | None = None
+    """One caller waiting for the answers to its request(s): one event, woken once."""
+
+    __slots__ = ("done", "error", "event", "keys", "remaining", "results", "timeout")
+
+    def __init__(self, keys: list[Hashable], timeout: float) -> None:
+        self.event = trio.Event()
+        self.keys = keys
+        self.results: list[Any] = [None] * len(keys)
+        self.remaining = len(keys)
+        self.error: BaseException | None = None
+        #: True once the waiter needs nothing more (answered, failed, or given up).
+        self.done = False
+        self.timeout = timeout
+
+
+def _waiter_done(waiter: _Waiter) -> bool:
+    return waiter.done
 
 
 class MultiplexedConnection(Generic[T]):
@@ -440,7 +645,14 @@ class MultiplexedConnection(Generic[T]):
     caller whose request was sent with the same key. Responses whose key matches no
     request in flight (late, after a timeout, or unknown) go to ``on_unmatched``.
 
-    :meth:`run` must be running (in a nursery) for responses to be received; when the
+    :meth:`run` must be running (in a nursery) for responses to be received and for
+    timeouts to fire: one deadline sweeper per connection (started by :meth:`run`) fails
+    the callers whose time is up, so a request costs no cancel scope of its own. A caller
+    that finds nobody sending sends its frame itself; frames handed in meanwhile are sent
+    together by the connection's writer task, their callers waiting only for the answer
+    (one wake-up per request). A send, once started, is finished (a frame is never cut in
+    half on the wire); a frame whose caller gave up before it went out is not sent; a send
+    stalled for :data:`SEND_TIMEOUT` seconds closes the connection. When the
     connection ends, every caller still waiting gets :class:`UpstreamUnavailable` with
     ``sent=True`` (the request may have been processed).
     """
@@ -459,8 +671,17 @@ class MultiplexedConnection(Generic[T]):
         self._kind = kind
         self._max_frame = max_frame
         self._on_unmatched = on_unmatched
-        self._pending: dict[Hashable, _Waiter] = {}
-        self._sender = frame_sender(stream)
+        #: Requests in flight: key -> (its waiter, its place among the waiter's answers).
+        self._pending: dict[Hashable, tuple[_Waiter, int]] = {}
+        self._sender = frame_sender(stream)  # used only while run() is not running
+        #: Frames handed in while a send was in progress, for the writer task.
+        self._outbox: list[tuple[bytes, _Waiter]] = []
+        self._writing = False  # a send is in progress (a caller's, or the writer task's)
+        self._writer_wake = trio.Event()
+        self._deadlines: Deadlines[_Waiter] = Deadlines(_waiter_done)
+        self._sweeping = False  # the sweeper runs (else a request bounds its own wait)
+        self._sweep_at = math.inf  # when the sweeper wakes next
+        self._sweep_wake = trio.Event()  # wakes it earlier (a nearer deadline came)
         self.closed = False
         #: Set once the connection has ended (peer closed, broken, or closed by us).
         self.closed_event = trio.Event()
@@ -472,12 +693,30 @@ class MultiplexedConnection(Generic[T]):
         return len(self._pending)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Receive responses until the peer closes or the stream breaks."""
+        """Receive responses (and fail callers whose time is up) until the peer closes or
+        the stream breaks."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sweep)
+                nursery.start_soon(self._write_queued)
+                self._sweeping = True
+                task_status.started()
+                try:
+                    await self._receive()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._sweeping = False
+            self._fail_all()
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await self._stream.aclose()  # bounded: a TLS close_notify to a stuck peer
+
+    async def _receive(self) -> None:
         parser = FrameParser(self._kind, self._max_frame)
-        task_status.started()
+        stream = self._stream
         try:
             while True:
-                data = await self._stream.receive_some(_READ_SIZE)
+                data = await stream.receive_some(_READ_SIZE)
                 if not data:
                     return
                 self.last_activity = trio.current_time()
@@ -486,10 +725,68 @@ class MultiplexedConnection(Generic[T]):
                         self._dispatch(payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError, FramingError):
             return
-        finally:
-            self._fail_all()
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await self._stream.aclose()  # bounded: a TLS close_notify to a stuck peer
+
+    async def _sweep(self) -> None:
+        """Fail the waiters whose deadline has come; sleep until the nearest other one."""
+        deadlines = self._deadlines
+        while True:
+            for waiter in deadlines.expired(trio.current_time()):
+                self._expire(waiter)
+            earliest = deadlines.earliest()
+            self._sweep_at = math.inf if earliest is None else earliest
+            wake = self._sweep_wake = trio.Event()
+            with trio.move_on_at(self._sweep_at):
+                await wake.wait()
+
+    async def _write_queued(self) -> None:
+        """The writer task: sends the frames queued behind a send in progress, together."""
+        while True:
+            await self._writer_wake.wait()
+            self._writer_wake = trio.Event()
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                # A frame whose caller gave up (cancelled, timed out) before it left stays home.
+                frames = [data for data, waiter in batch if not waiter.done]
+                if not frames:
+                    continue
+                try:
+                    await _write_frames(self._stream, b"".join(frames))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._broken_while_sending(batch + self._outbox)
+                    return
+            self._writing = False
+
+    def _broken_while_sending(self, batch: list[tuple[bytes, _Waiter]]) -> None:
+        """The stream failed under a send: its callers (and those queued) learn it now."""
+        self.closed = True
+        self._outbox = []
+        for _data, waiter in batch:
+            if not waiter.done:
+                waiter.done = True
+                waiter.error = UpstreamUnavailable("connection broke while sending", sent=True)
+                self._forget(waiter)
+                waiter.event.set()
+
+    def _watch(self, waiter: _Waiter, deadline: float) -> None:
+        """File ``waiter``'s deadline; wake the sweeper if it sleeps past it."""
+        self._deadlines.add(deadline, waiter)
+        if deadline < self._sweep_at:
+            self._sweep_at = deadline
+            self._sweep_wake.set()
+
+    def _expire(self, waiter: _Waiter) -> None:
+        waiter.done = True
+        waiter.error = UpstreamTimeout(f"no answer within {waiter.timeout:g} s")
+        self._forget(waiter)
+        waiter.event.set()
+
+    def _forget(self, waiter: _Waiter) -> None:
+        """Take ``waiter``'s requests still in flight out of the table (answers now unmatched)."""
+        pending = self._pending
+        for key in waiter.keys:
+            entry = pending.get(key)
+            if entry is not None and entry[0] is waiter:
+                del pending[key]
 
     def _dispatch(self, payload: bytes) -> None:
         try:
@@ -497,19 +794,25 @@ class MultiplexedConnection(Generic[T]):
         except Exception:
             self._on_unmatched(payload, None)
             return
-        waiter = self._pending.pop(key, None)
-        if waiter is None:
+        entry = self._pending.pop(key, None)
+        if entry is None:
             self._on_unmatched(payload, key)
             return
-        waiter.result = value
-        waiter.event.set()
+        waiter, index = entry
+        waiter.results[index] = value
+        waiter.remaining -= 1
+        if waiter.remaining == 0:
+            waiter.done = True
+            waiter.event.set()
 
     def _fail_all(self) -> None:
         self.closed = True
         self.closed_event.set()
-        for waiter in self._pending.values():
-            waiter.error = UpstreamUnavailable("connection closed before the answer", sent=True)
-            waiter.event.set()
+        for waiter, _index in self._pending.values():
+            if not waiter.done:
+                waiter.done = True
+                waiter.error = UpstreamUnavailable("connection closed before the answer", sent=True)
+                waiter.event.set()
         self._pending.clear()
 
     async def request(self, payload: bytes, key: Hashable, timeout: float) -> T:
@@ -523,26 +826,87 @@ class MultiplexedConnection(Generic[T]):
             raise UpstreamUnavailable("connection is closed")
         if key in self._pending:
             raise UpstreamError("a request with the same key is already in flight")
-        waiter = _Waiter()
-        self._pending[key] = waiter
         frame = encode_frame(payload, self._kind, self._max_frame)
+        waiter = _Waiter([key], timeout)
+        self._pending[key] = (waiter, 0)
+        result: T = (await self._send_and_wait(frame, waiter))[0]
+        return result
+
+    async def request_many(
+        self, requests: Sequence[tuple[bytes, Hashable]], timeout: float
+    ) -> list[T]:
+        """Send several ``(payload, key)`` requests in one write and wait for all answers.
+
+        The answers come back in the order of ``requests``. One waiter, woken once, when
+        the last answer is in. Errors are those of :meth:`request`, for the group as a
+        whole: nothing is sent when the connection is closed or a key is already in flight
+        (or repeated); a timeout or a broken link fails every request of the group (the
+        outcome of each is unknown), and answers that come later are unmatched.
+        """
+        if self.closed:
+            raise UpstreamUnavailable("connection is closed")
+        keys = [key for _payload, key in requests]
+        if not keys:
+            return []
+        pending = self._pending
+        if len(set(keys)) != len(keys) or any(key in pending for key in keys):
+            raise UpstreamError("a request with the same key is already in flight")
+        kind, max_frame = self._kind, self._max_frame
+        data = b"".join(encode_frame(payload, kind, max_frame) for payload, _key in requests)
+        waiter = _Waiter(keys, timeout)
+        for index, key in enumerate(keys):
+            pending[key] = (waiter, index)
+        return await self._send_and_wait(data, waiter)
+
+    async def _send_and_wait(self, data: bytes, waiter: _Waiter) -> list[T]:
+        """Send ``data`` (the frames of ``waiter``'s requests, already in the table) and
+        wait for the answers, the deadline, or the end of the connection."""
+        deadline = trio.current_time() + waiter.timeout
         try:
-            try:
-                await self._sender.submit(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.closed = True
-                raise UpstreamUnavailable("connection broke while sending", sent=True) from exc
-            with trio.move_on_after(timeout):
-                await waiter.event.wait()
-            if not waiter.event.is_set():
-                raise UpstreamTimeout(f"no answer within {timeout:g} s")
+            if not self._sweeping:  # run() is not running: no writer, no sweeper
+                await self._send_unmanaged(data, waiter, deadline)
+            else:
+                if self._writing:  # the writer task sends it with the others queued
+                    self._outbox.append((data, waiter))
+                else:
+                    await self._send_direct(data)
+                if not waiter.done:
+                    self._watch(waiter, deadline)
+                    await waiter.event.wait()
             if waiter.error is not None:
                 raise waiter.error
-            result: T = waiter.result
-            return result
+            return waiter.results
         finally:
-            if self._pending.get(key) is waiter:
-                del self._pending[key]
+            if not waiter.done:  # cancelled, or the send failed: nobody waits any more
+                waiter.done = True
+                self._forget(waiter)
+
+    async def _send_direct(self, data: bytes) -> None:
+        """Nobody is sending: send ``data`` now, then hand what queued meanwhile to the
+        writer task."""
+        self._writing = True
+        try:
+            await _write_frames(self._stream, data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._broken_while_sending(self._outbox)
+            raise UpstreamUnavailable("connection broke while sending", sent=True) from exc
+        finally:
+            if self._outbox:
+                self._writer_wake.set()
+            else:
+                self._writing = False
+
+    async def _send_unmanaged(self, data: bytes, waiter: _Waiter, deadline: float) -> None:
+        """Send and wait without the writer task and the sweeper (run() not running)."""
+        try:
+            await self._sender.submit(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.closed = True
+            raise UpstreamUnavailable("connection broke while sending", sent=True) from exc
+        with trio.move_on_at(deadline):
+            await waiter.event.wait()
+        if not waiter.done:
+            self._expire(waiter)
 
     async def aclose(self) -> None:
         """Close the stream; :meth:`run` then fails every caller still waiting."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -34,7 +34,13 @@ from shared.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from shared.net.pool import UpstreamPool
 from shared.ops.metrics import ServiceMetrics
 from shared.resilience.backoff import Backoff, RetryState
-from shared.resilience.breaker import BreakerConfig, BreakerState, CircuitBreaker, Transition
+from shared.resilience.breaker import (
+    BreakerConfig,
+    BreakerState,
+    CircuitBreaker,
+    Permit,
+    Transition,
+)
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -247,17 +253,147 @@ class Upstream(Generic[T]):
         only (the store-and-forward queue keeps its own schedule).
         """
         now = trio.current_time()
-        limit = now + self.retry_deadline
-        if deadline is None:
-            deadline = request_deadline.get()
-        if deadline is not None:
-            limit = min(limit, deadline)
+        limit = self._limit(now, deadline)
+        if limit <= now:  # the request's deadline passed before the first attempt
+            raise UpstreamUnavailable(f"{self.name}: no time left for an attempt")
+        # The first attempt takes the short way (no retry state, no outcome object): most
+        # calls succeed at once, and what only matters for a retry is built only then.
+        permit = self._permit()
+        try:
+            answer = await self.pool.call(payload, key, min(timeout, limit - now))
+        except UpstreamError as exc:
+            self._settle(permit, now, success=False)
+            first: _Attempt[T] = _Attempt(error=exc)
+        except BaseException:
+            self.breaker.release(permit)  # cancelled: there is no outcome to count
+            raise
+        else:
+            failed = self._failed(answer)
+            self._settle(permit, now, success=True)
+            if failed is None:
+                return answer
+            first = _Attempt(answer=answer, failed=failed)
+        return await self._retry(
+            payload, key, first, timeout=timeout, resend_safe=resend_safe, limit=limit, retry=retry
+        )
+
+    async def call_many(
+        self,
+        requests: Sequence[tuple[bytes, Hashable]],
+        *,
+        timeout: float,
+        resend_safe: bool,
+        deadline: float | None = None,
+        retry: bool = True,
+    ) -> list[T]:
+        """Send several ``(payload, key)`` requests together, on one connection in one
+        write, and return their answers in order (see :meth:`UpstreamPool.call_many`).
+
+        The group is one attempt for the breaker, the retry schedule and the deadlines,
+        with the rules of :meth:`call`: a failure of the link fails the whole group, and a
+        retry resends the whole group (so only for requests safe to resend, or when
+        nothing was sent). An attempt whose answers include a failed answer (a 91/96) is
+        retried like one failed answer; when the retries run out, the answers stand.
+        """
+        now = trio.current_time()
+        limit = self._limit(now, deadline)
         state = RetryState(self.retry if retry else NO_RETRY, deadline=limit)
         while True:
             budget = state.begin(trio.current_time())
-            if budget is None:  # the request's deadline passed before the first attempt
+            if budget is None:
                 raise UpstreamUnavailable(f"{self.name}: no time left for an attempt")
-            result = await self._attempt(payload, key, min(timeout, budget))
+            permit = self._permit()
+            start = trio.current_time()
+            error: UpstreamError | None = None
+            answers: list[T] = []
+            try:
+                answers = await self.pool.call_many(requests, min(timeout, budget))
+            except UpstreamError as exc:
+                self._settle(permit, start, success=False)
+                error = exc
+            except BaseException:
+                self.breaker.release(permit)
+                raise
+            else:
+                self._settle(permit, start, success=True)
+            if error is not None:
+                why = retry_reason(error, resend_safe=resend_safe)
+                if why is None:
+                    raise error
+            else:
+                failures = [f for f in map(self._failed, answers) if f is not None]
+                if not failures:
+                    return answers
+                why = failures[0]
+            delay = state.next_delay(trio.current_time(), self._rand)
+            if delay is None:
+                if error is not None:
+                    raise error
+                return answers
+            self._note_retry(why, state.attempts, delay)
+            await trio.sleep(delay)
+
+    def _limit(self, now: float, deadline: float | None) -> float:
+        """The absolute end of a call: ``retry_deadline`` from now, or sooner."""
+        limit = now + self.retry_deadline
+        if deadline is None:
+            deadline = request_deadline.get()
+        if deadline is not None and deadline < limit:
+            limit = deadline
+        return limit
+
+    def _permit(self) -> Permit:
+        """The breaker's leave for one attempt; :class:`CircuitOpen` when refused."""
+        permit = self.breaker.acquire()
+        if permit is None:
+            self._metrics.upstream_rejected.labels(self.name, "breaker_open").inc()
+            raise CircuitOpen(f"circuit breaker of {self.name} is open")
+        return permit
+
+    def _settle(self, permit: Permit, start: float, *, success: bool) -> None:
+        """Report an attempt to the breaker. A well-formed answer is a success, whatever
+        it says: the link worked (a 91 may still be retried). The clock is read only when
+        the breaker judges slow calls."""
+        breaker = self.breaker
+        if breaker.config.slow_call_threshold is None:
+            breaker.record(permit, success=success)
+        else:
+            breaker.record(permit, success=success, duration=trio.current_time() - start)
+
+    def _failed(self, answer: T) -> str | None:
+        """The retry reason an answer gives (a 91/96), counted as a failed answer."""
+        failed = None if self._answers is None else self._answers.failed_answer(answer)
+        if failed is not None:
+            self.pool.record_answer_failure()
+        return failed
+
+    def _note_retry(self, why: str, attempt: int, delay: float) -> None:
+        self._metrics.upstream_retries.labels(self.name, why).inc()
+        self._log.info(
+            "upstream_retry",
+            upstream=self.name,
+            reason=why,
+            attempt=attempt,
+            delay_s=round(delay, 3),
+        )
+
+    async def _retry(
+        self,
+        payload: bytes,
+        key: Hashable,
+        first: _Attempt[T],
+        *,
+        timeout: float,
+        resend_safe: bool,
+        limit: float,
+        retry: bool,
+    ) -> T:
+        """After a first attempt that did not give a good answer: retry while the policy,
+        the deadline and the failure allow; the last outcome stands."""
+        state = RetryState(self.retry if retry else NO_RETRY, deadline=limit)
+        state.attempts = 1  # the first attempt, made by call()
+        result = first
+        while True:
             if result.error is not None:
                 why = retry_reason(result.error, resend_safe=resend_safe)
                 if why is None:
@@ -271,36 +407,30 @@ class Upstream(Generic[T]):
                 if result.error is not None:
                     raise result.error
                 return result.answer  # type: ignore[return-value]
-            self._metrics.upstream_retries.labels(self.name, why).inc()
-            self._log.info(
-                "upstream_retry",
-                upstream=self.name,
-                reason=why,
-                attempt=state.attempts,
-                delay_s=round(delay, 3),
-            )
+            self._note_retry(why, state.attempts, delay)
             await trio.sleep(delay)
+            budget = state.begin(trio.current_time())
+            if budget is None:  # the deadline passed during the delay
+                raise UpstreamUnavailable(f"{self.name}: no time left for an attempt")
+            result = await self._attempt(payload, key, min(timeout, budget))
 
     async def _attempt(self, payload: bytes, key: Hashable, timeout: float) -> _Attempt[T]:
         """One attempt through the breaker and the pool."""
-        permit = self.breaker.acquire()
-        if permit is None:
-            self._metrics.upstream_rejected.labels(self.name, "breaker_open").inc()
-            return _Attempt(error=CircuitOpen(f"circuit breaker of {self.name} is open"))
+        try:
+            permit = self._permit()
+        except CircuitOpen as exc:
+            return _Attempt(error=exc)
         start = trio.current_time()
         try:
             answer = await self.pool.call(payload, key, timeout)
         except UpstreamError as exc:
-            self.breaker.record(permit, success=False, duration=trio.current_time() - start)
+            self._settle(permit, start, success=False)
             return _Attempt(error=exc)
         except BaseException:
             self.breaker.release(permit)  # cancelled: there is no outcome to count
             raise
-        failed = None if self._answers is None else self._answers.failed_answer(answer)
-        if failed is not None:
-            self.pool.record_answer_failure()
-        # The link worked: an answer came, whatever it says (a 91 may still be retried).
-        self.breaker.record(permit, success=True, duration=trio.current_time() - start)
+        failed = self._failed(answer)
+        self._settle(permit, start, success=True)
         return _Attempt(answer=answer, failed=failed)
 
     # -- views ---------------------------------------------------------------------------------

@@ -217,6 +217,9 @@ class CircuitBreaker:
         self._on_transition = on_transition
         self._state = BreakerState.CLOSED
         self._generation = 0
+        #: The permit of every non-trial call in this generation: it holds no slot and is
+        #: immutable, so one object serves them all (no allocation per call).
+        self._permit = Permit(0, trial=False)
         # The sliding window: True for a failed call. Its failure count is kept alongside
         # so that a decision costs O(1) rather than a scan of the window.
         self._window: deque[bool] = deque(maxlen=config.window_size)
@@ -323,9 +326,11 @@ class CircuitBreaker:
         trial permit while fewer than ``half_open_calls`` trials are outstanding or have
         succeeded, so at most ``half_open_calls`` trials are ever in flight.
         """
+        if self._state is BreakerState.CLOSED:  # the usual case: one shared permit
+            return self._permit
         state = self.state
         if state in (BreakerState.CLOSED, BreakerState.DISABLED):
-            return Permit(self._generation, trial=False)
+            return self._permit
         if (
             state is BreakerState.HALF_OPEN
             and len(self._trials_out) + self._trials_ok < self.config.half_open_calls
@@ -356,6 +361,15 @@ class CircuitBreaker:
         """
         if permit.generation != self._generation:
             self._stale += 1
+            return
+        if (
+            success
+            and self._state is BreakerState.CLOSED
+            and not permit.trial
+            and self.config.slow_call_threshold is None
+        ):
+            self._streak = 0
+            self._closed_success()
             return
         if permit.trial:
             if permit.serial not in self._trials_out:
@@ -487,6 +501,27 @@ class CircuitBreaker:
                     BreakerState.OPEN, f"failure rate {rate:.0%} over {calls} calls", self._clock()
                 )
 
+    def _closed_success(self) -> None:
+        """:meth:`_outcome` of a success while CLOSED, the short way (the usual case)."""
+        self._total_calls += 1
+        self._consecutive = 0
+        window = self._window
+        if len(window) == window.maxlen and window[0]:
+            self._window_failures -= 1
+        window.append(False)
+        # A success cannot add a failure; the rate can only have reached the threshold if
+        # failures are in the window and it just grew to minimum_calls (see _outcome).
+        if self._window_failures:
+            calls = len(window)
+            if calls >= self.config.minimum_calls:
+                rate = self._window_failures / calls
+                if rate >= self.config.failure_rate_threshold:
+                    self._transition(
+                        BreakerState.OPEN,
+                        f"failure rate {rate:.0%} over {calls} calls",
+                        self._clock(),
+                    )
+
     def _clear_window(self) -> None:
         self._window.clear()
         self._window_failures = 0
@@ -497,6 +532,7 @@ class CircuitBreaker:
         from_state = self._state
         self._state = to_state
         self._generation += 1
+        self._permit = Permit(self._generation, trial=False)
         # Trial bookkeeping belongs to one half-open period; any transition ends it.
         self._trials_out.clear()
         self._trials_ok = 0

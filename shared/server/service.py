@@ -635,6 +635,42 @@ class _RecordedPool(UpstreamPool[T]):
             )
         return result
 
+    async def call_many(
+        self, requests: Sequence[tuple[bytes, Hashable]], timeout: float
+    ) -> list[T]:
+        record = self._record
+        if not record.enabled:
+            return await super().call_many(requests, timeout)
+        mono, wall = time.monotonic(), time.time()
+        note = ""
+        try:
+            results = await super().call_many(requests, timeout)
+        except UpstreamTimeout:
+            note = "no answer in time"
+            raise
+        except UpstreamUnavailable as exc:
+            note = "sent, link broke" if exc.sent else f"not sent: {exc}"
+            raise
+        except UpstreamError as exc:
+            note = str(exc)
+            raise
+        finally:
+            for payload, _key in requests:
+                self._record_sent(payload, mono, wall, note)
+        if not self._iso:
+            for result in results:
+                record.hsm(
+                    "in",
+                    self.name,
+                    str(getattr(result, "header", "")),
+                    str(getattr(result, "code", "")),
+                    str(getattr(result, "error", "")),
+                    time.monotonic(),
+                    time.time(),
+                    current_request.get(),
+                )
+        return results
+
     def _record_sent(self, payload: bytes, mono: float, wall: float, note: str) -> None:
         if self._iso:
             try:
