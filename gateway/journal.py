@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import trio
 from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,6 +29,7 @@ from shared.iso.messages import (
 )
 from shared.pan import PanHasher, mask_pan
 from shared.store.db import DatabaseError, connection_transaction, engine_of, table_of, transaction
+from shared.store.db_thread import DbThread
 from shared.store.group_commit import GroupCommit
 
 
@@ -203,17 +203,18 @@ class JournalWriter:
     The journal is part of the money record: reconciliation proves every approval against
     it, so no 00 may leave the gateway unless its row is durable. :meth:`write` returns only
     once the row is committed; the rows of requests answered at the same moment share one
-    transaction and one fsync (:class:`shared.group_commit.GroupCommit`), in a worker thread
-    of its own (outside the service's database limiter, so a journal write never waits
-    behind the queue's work).
+    transaction and one fsync (:class:`shared.store.group_commit.GroupCommit`), in a
+    database thread of its own (``thread``, which its owner starts and stops; separate from
+    the service's, so a journal write never waits behind the queue's work).
     """
 
-    def __init__(self, journal: Journal, max_batch: int = 1000) -> None:
+    def __init__(self, journal: Journal, thread: DbThread, max_batch: int = 1000) -> None:
         self._journal = journal
+        self._thread = thread
         self._commit: GroupCommit[dict[str, Any], bool] = GroupCommit(self._write, max_batch)
 
     async def _write(self, rows: Sequence[dict[str, Any]]) -> list[bool]:
-        vetoed = await trio.to_thread.run_sync(self._journal.write, rows)
+        vetoed = await self._thread.call(self._journal.write, rows)
         return [row["idempotency_key"] in vetoed and _is_payment_approval(row) for row in rows]
 
     async def write(self, row: dict[str, Any]) -> bool:
