@@ -150,6 +150,11 @@ class BillingService(IsoService):
             billers = session.scalars(select(Bill.biller).distinct()).all()
         self.business.add_billers(billers)
 
+    async def close_resources(self) -> None:
+        if self.store is not None:
+            self.store.close()  # the hot path's own connections, before the engine goes
+        await super().close_resources()
+
     def health_checks(self) -> dict[str, HealthCheck]:
         checks = super().health_checks()
         checks["ledger"] = self._ledger_check
