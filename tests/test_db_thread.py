@@ -199,3 +199,21 @@ async def test_a_thread_runs_once() -> None:
     async with running() as (db, _):
         with pytest.raises(RuntimeError, match="started already"):
             await db.run()
+
+
+async def test_at_exit_runs_in_the_thread_after_the_last_call() -> None:
+    order: list[tuple[str, int]] = []
+
+    def boom() -> None:
+        raise RuntimeError("ignored")
+
+    db = DbThread("exit")
+    db.at_exit(boom)  # its failure does not stop the others
+    db.at_exit(lambda: order.append(("exit", threading.get_ident())))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(db.run)
+        await db.call(lambda: order.append(("call", threading.get_ident())))
+        assert [what for what, _ in order] == ["call"]
+        await db.aclose()
+    assert [what for what, _ in order] == ["call", "exit"]
+    assert order[0][1] == order[1][1] != threading.get_ident()

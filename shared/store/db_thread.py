@@ -67,6 +67,7 @@ class DbThread:
         self._closing = False
         self._token: trio.lowlevel.TrioToken | None = None
         self._finished: trio.Event | None = None
+        self._at_exit: list[Callable[[], object]] = []
 
     @property
     def waiting(self) -> int:
@@ -98,6 +99,11 @@ class DbThread:
             with trio.CancelScope(shield=True):
                 await finished.wait()
             thread.join()
+
+    def at_exit(self, fn: Callable[[], object]) -> None:
+        """Call ``fn()`` in the worker thread after its last call, before it ends (e.g. to
+        close the connections the calls kept). Its exceptions are ignored."""
+        self._at_exit.append(fn)
 
     async def aclose(self) -> None:
         """Stop taking calls, let the submitted ones finish, and wait for the thread's end."""
@@ -151,6 +157,9 @@ class DbThread:
                 token.run_sync_soon(trio.lowlevel.reschedule, job.task, result)
             except trio.RunFinishedError:  # pragma: no cover - the loop ended under us
                 return
+        for fn in self._at_exit:
+            with contextlib.suppress(Exception):
+                fn()
         with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(finished.set)
 
