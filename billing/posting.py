@@ -317,8 +317,13 @@ def seen_row(
     return StoredResponse(row.idempotency_key, row.mti, row.response_code, fields, True)
 
 
+# One encoder for every record: json.dumps with options builds a new encoder per call.
+_ENCODER: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def encode_fields(fields: Mapping[str, object]) -> str:
-    return json.dumps(dict(fields), sort_keys=True, separators=(",", ":"))
+    """The recorded fields as stored: compact JSON, keys sorted (a replay is byte-identical)."""
+    return _ENCODER.encode(dict(fields))
 
 
 def decode_fields(text: str) -> Mapping[str, object]:
