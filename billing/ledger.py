@@ -40,12 +40,16 @@ from sqlalchemy import Connection, Engine, select
 from billing.models import Ledger
 from shared.errors import PaylabError
 from shared.store.db import is_sqlite, table_of
+from shared.store.raw import RawTransaction
 
 #: The marker file in the data directory: the ledger id billing served from it.
 MARKER_NAME: Final = "billing.ledger"
 
 _LEDGER = table_of(Ledger)
 _READ_ID = select(_LEDGER.c.ledger_id).where(_LEDGER.c.id == 1)
+#: The same on a raw DB-API transaction (the hot path's, shared.store.raw); no parameters,
+#: so one text serves every dialect.
+_READ_ID_SQL = f"SELECT ledger_id FROM {_LEDGER.name} WHERE id = 1"
 
 
 class LedgerLost(PaylabError):
@@ -138,9 +142,13 @@ def new_ledger_id() -> str:
     return secrets.token_hex(16)
 
 
-def read_ledger_id(conn: Connection) -> str | None:
-    """The database's ledger id, or None when it has none."""
-    value = conn.execute(_READ_ID).scalar()
+def read_ledger_id(conn: Connection | RawTransaction) -> str | None:
+    """The database's ledger id, or None when it has none, read in ``conn``'s transaction
+    (a SQLAlchemy connection, or a raw one of the hot path)."""
+    if isinstance(conn, RawTransaction):
+        value = conn.scalar(_READ_ID_SQL)
+    else:
+        value = conn.execute(_READ_ID).scalar()
     return None if value is None else str(value)
 
 
@@ -205,7 +213,7 @@ class LedgerGuard:
             if now != self._file:
                 self._fail(f"billing's database file {self._path} was replaced while in use")
 
-    def check(self, conn: Connection) -> None:
+    def check(self, conn: Connection | RawTransaction) -> None:
         """:meth:`check_file`, then the ledger id read on ``conn`` (inside its transaction)."""
         self.check_file()
         found = read_ledger_id(conn)

@@ -278,11 +278,16 @@ class PostingRecord:
 class _Recorded(Protocol):
     """A ``processed_requests`` row: the ORM object or a row of its columns."""
 
-    idempotency_key: str
-    mti: str
-    request_digest: str
-    response_code: str
-    response_json: str
+    @property
+    def idempotency_key(self) -> str: ...
+    @property
+    def mti(self) -> str: ...
+    @property
+    def request_digest(self) -> str: ...
+    @property
+    def response_code(self) -> str: ...
+    @property
+    def response_json(self) -> str: ...
 
 
 def seen_row(
@@ -312,8 +317,13 @@ def seen_row(
     return StoredResponse(row.idempotency_key, row.mti, row.response_code, fields, True)
 
 
+# One encoder for every record: json.dumps with options builds a new encoder per call.
+_ENCODER: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def encode_fields(fields: Mapping[str, object]) -> str:
-    return json.dumps(dict(fields), sort_keys=True, separators=(",", ":"))
+    """The recorded fields as stored: compact JSON, keys sorted (a replay is byte-identical)."""
+    return _ENCODER.encode(dict(fields))
 
 
 def decode_fields(text: str) -> Mapping[str, object]:
@@ -401,20 +411,22 @@ def decide(request: PaymentRequest, bill: BillRow | None) -> tuple[str, dict[str
     return RC_APPROVED, fields
 
 
-def posting_row(request: PaymentRequest, now: datetime) -> dict[str, object]:
-    """The ``postings`` row of an approved payment."""
-    return {
-        "bill_number": request.bill_number,
-        "amount": request.amount,
-        "currency": request.currency,
-        "idempotency_key": request.idempotency_key,
-        "rrn": request.rrn,
-        "stan": request.stan,
-        "terminal_id": request.terminal_id,
-        "acquirer_id": request.acquirer_id,
-        "pan_masked": request.pan_masked,
-        "pan_hash": request.pan_hash,
-        "source": SOURCE_ADVICE if request.is_advice else SOURCE_ONLINE,
-        "status": POSTING_POSTED,
-        "created_at": now,
-    }
+def posting_values(request: PaymentRequest, created_at: object) -> tuple[object, ...]:
+    """The ``postings`` row of an approved payment, in the column order of the store's insert:
+    bill_number, amount, currency, idempotency_key, rrn, stan, terminal_id, acquirer_id,
+    pan_masked, pan_hash, source, status, created_at (as the dialect takes it)."""
+    return (
+        request.bill_number,
+        request.amount,
+        request.currency,
+        request.idempotency_key,
+        request.rrn,
+        request.stan,
+        request.terminal_id,
+        request.acquirer_id,
+        request.pan_masked,
+        request.pan_hash,
+        SOURCE_ADVICE if request.is_advice else SOURCE_ONLINE,
+        POSTING_POSTED,
+        created_at,
+    )

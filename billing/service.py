@@ -150,6 +150,11 @@ class BillingService(IsoService):
             billers = session.scalars(select(Bill.biller).distinct()).all()
         self.business.add_billers(billers)
 
+    async def close_resources(self) -> None:
+        if self.store is not None:
+            self.store.close()  # the hot path's own connections, before the engine goes
+        await super().close_resources()
+
     def health_checks(self) -> dict[str, HealthCheck]:
         checks = super().health_checks()
         checks["ledger"] = self._ledger_check
@@ -253,7 +258,8 @@ class BillingService(IsoService):
     async def _payment(self, msg: Message) -> Message:
         key, digest = idempotency_key(msg), request_digest(msg)
         pan = msg["2"]
-        stored, card = await self._reads.submit((key, digest, self.pan_hash(pan)))
+        card_hash = self.pan_hash(pan)
+        stored, card = await self._reads.submit((key, digest, card_hash))
         if stored is not None:
             self.business.replays.labels(_source(msg["t"])).inc()
             return make_response(msg, stored.code, **iso_fields(stored.fields))
@@ -271,7 +277,7 @@ class BillingService(IsoService):
             pin_ok = False  # the PIN block does not even decrypt to a PIN
         if not pin_ok:
             return await self._decline(msg, key, digest, RC.WRONG_PIN)
-        return await self._post(msg, msg["t"])
+        return await self._post(msg, msg["t"], (key, digest, card_hash))
 
     async def _decline(self, msg: Message, key: str, digest: str, code: RC) -> Message:
         assert self.store is not None
@@ -284,12 +290,17 @@ class BillingService(IsoService):
             self.business.payment(_source(msg["t"]), stored.code, None, None)
         return make_response(msg, stored.code, **iso_fields(stored.fields))
 
-    async def _post(self, msg: Message, mti: str) -> Message:
+    async def _post(
+        self, msg: Message, mti: str, known: tuple[str, str, str] | None = None
+    ) -> Message:
+        """Post a payment or an advice; ``known``: its key, digest and PAN hash when the
+        caller computed them already (a payment, at its replay check)."""
         assert self.store is not None
         pan = msg["2"]
+        key, digest, card_hash = known or (idempotency_key(msg), request_digest(msg), None)
         req = PaymentRequest(
-            idempotency_key=idempotency_key(msg),
-            request_digest=request_digest(msg),
+            idempotency_key=key,
+            request_digest=digest,
             bill_number=msg["48"],
             amount=int(msg["4"]),
             currency=msg["49"],
@@ -297,7 +308,7 @@ class BillingService(IsoService):
             stan=msg["11"],
             terminal_id=msg["41"],
             acquirer_id=msg["32"],
-            pan_hash=self.pan_hash(pan),
+            pan_hash=card_hash or self.pan_hash(pan),
             pan_masked=mask_pan(pan),
             mti=mti,
         )

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import trio
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway.models import JournalEntry, SafEntry
+from gateway.models import JournalEntry
 from shared.iso.codes import RC
 from shared.iso.messages import (
     MTI_FINANCIAL,
@@ -29,8 +28,10 @@ from shared.iso.messages import (
     original_key,
 )
 from shared.pan import PanHasher, mask_pan
-from shared.store.db import DatabaseError, connection_transaction, engine_of, table_of, transaction
+from shared.store.db import DatabaseError, engine_of, transaction
+from shared.store.db_thread import DbThread
 from shared.store.group_commit import GroupCommit
+from shared.store.raw import RawConnections, SqlText
 
 
 def status_of(code: str) -> str:
@@ -105,14 +106,37 @@ def _original_key(msg: Mapping[str, str]) -> str | None:
         return None
 
 
-_INSERT = insert(table_of(JournalEntry))
-_SAF = table_of(SafEntry)
-#: The payments among ``keys`` that the gateway decided to reverse (see Journal.write).
-_REVERSED_AMONG = select(_SAF.c.original_key).where(
-    _SAF.c.original_key.in_(bindparam("keys", expanding=True)),
-    _SAF.c.kind == "reversal",
-    _SAF.c.origin == "gateway",
-    _SAF.c.state != "cancelled",
+#: The journal's columns in the order of the raw insert below (the keys of journal_row).
+_COLUMNS = (
+    "idempotency_key",
+    "mti",
+    "processing_code",
+    "stan",
+    "rrn",
+    "terminal_id",
+    "acquirer_id",
+    "amount",
+    "currency",
+    "bill_number",
+    "pan_masked",
+    "pan_hash",
+    "status",
+    "response_code",
+    "received_at",
+    "completed_at",
+    "duration_ms",
+    "original_key",
+)
+_TIMESTAMPS = frozenset({"received_at", "completed_at"})
+# The insert and the veto query as SQL text on the raw DB-API (shared.store.raw): a journal
+# write is on every answer's path, and SQLAlchemy's per-statement work cost more than the
+# database's.
+_RAW_INSERT = (
+    f"INSERT INTO journal ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+)
+_RAW_REVERSED_AMONG = (
+    "SELECT original_key FROM saf_entries WHERE kind = 'reversal' AND origin = 'gateway'"
+    " AND state != 'cancelled' AND original_key {in}"
 )
 
 
@@ -129,7 +153,15 @@ class Journal:
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
-        self._engine = engine_of(sessions)
+        engine = engine_of(sessions)
+        #: :meth:`write` runs on raw DB-API connections kept for good (shared.store.raw).
+        self._raw = RawConnections(engine)
+        self._sql = SqlText(engine)
+        self._insert = self._sql.sql(_RAW_INSERT)
+
+    def close(self) -> None:
+        """Close the raw connections :meth:`write` keeps (it opens new ones if called again)."""
+        self._raw.close()
 
     def write(self, rows: Sequence[Mapping[str, Any]]) -> set[str]:
         """Insert ``rows`` in one transaction (one commit for a whole batch).
@@ -146,17 +178,18 @@ class Journal:
             return set()
         batch = [dict(r) for r in rows]
         approvals = [r["idempotency_key"] for r in batch if _is_payment_approval(r)]
+        sql = self._sql
         try:
-            # A Core insert on the table: no session or ORM bulk machinery per batch.
-            with connection_transaction(self._engine, write=True) as conn:
+            with self._raw.transaction(write=True) as tx:
                 vetoed: set[str] = set()
                 if approvals:
-                    vetoed = set(conn.scalars(_REVERSED_AMONG, {"keys": approvals}))
+                    found = tx.rows(*sql.in_list(_RAW_REVERSED_AMONG, approvals))
+                    vetoed = {row[0] for row in found}
                 for r in batch:
                     if r["idempotency_key"] in vetoed and _is_payment_approval(r):
                         r["response_code"] = RC.LATE_RESPONSE.value
                         r["status"] = status_of(RC.LATE_RESPONSE)
-                conn.execute(_INSERT, batch)
+                tx.run_many(self._insert, [_values(r, sql) for r in batch])
         except SQLAlchemyError as exc:
             raise DatabaseError(f"journal write failed: {exc}") from exc
         return vetoed
@@ -178,6 +211,15 @@ class Journal:
         q = select(JournalEntry.status, func.count()).group_by(JournalEntry.status)
         with transaction(self._sessions, write=False) as s:
             return {status: n for status, n in s.execute(q).tuples()}
+
+
+def _values(row: Mapping[str, Any], sql: SqlText) -> tuple[Any, ...]:
+    """A journal row's parameters for the raw insert (timestamps as the dialect takes them)."""
+    return tuple(
+        sql.timestamp(value) if name in _TIMESTAMPS and value is not None else value
+        for name in _COLUMNS
+        for value in (row.get(name),)
+    )
 
 
 def _view(e: JournalEntry) -> JournalView:
@@ -203,17 +245,19 @@ class JournalWriter:
     The journal is part of the money record: reconciliation proves every approval against
     it, so no 00 may leave the gateway unless its row is durable. :meth:`write` returns only
     once the row is committed; the rows of requests answered at the same moment share one
-    transaction and one fsync (:class:`shared.group_commit.GroupCommit`), in a worker thread
-    of its own (outside the service's database limiter, so a journal write never waits
-    behind the queue's work).
+    transaction and one fsync (:class:`shared.store.group_commit.GroupCommit`), in a
+    database thread of its own (``thread``, which its owner starts and stops; separate from
+    the service's, so a journal write never waits behind the queue's work).
     """
 
-    def __init__(self, journal: Journal, max_batch: int = 1000) -> None:
+    def __init__(self, journal: Journal, thread: DbThread, max_batch: int = 1000) -> None:
         self._journal = journal
+        self._thread = thread
+        thread.at_exit(journal.close)  # the thread's connection ends with the thread
         self._commit: GroupCommit[dict[str, Any], bool] = GroupCommit(self._write, max_batch)
 
     async def _write(self, rows: Sequence[dict[str, Any]]) -> list[bool]:
-        vetoed = await trio.to_thread.run_sync(self._journal.write, rows)
+        vetoed = await self._thread.call(self._journal.write, rows)
         return [row["idempotency_key"] in vetoed and _is_payment_approval(row) for row in rows]
 
     async def write(self, row: dict[str, Any]) -> bool:

@@ -154,7 +154,7 @@ class GatewayService(IsoService):
 
     def prepare_database(self, sessions: sessionmaker[Session]) -> None:
         self.journal = Journal(sessions)
-        self.journal_writer = JournalWriter(self.journal)
+        self.journal_writer = JournalWriter(self.journal, self.add_db_thread("journal"))
         self.saf = SafStore(sessions, self.vault, max_size=self.settings.saf_max_size)
         self._reversed = self.saf.gateway_reversed()
         self.forwarder = Forwarder(

@@ -60,6 +60,7 @@ from shared.store.db import (
     session_factory,
     upgrade,
 )
+from shared.store.db_thread import DbThread
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -133,16 +134,19 @@ class Service:
         self.sessions: sessionmaker[Session] | None = None
         #: Injected database unavailability (``POST /faults/database``, ``paylab chaos``).
         self.db_fault = DatabaseFault()
-        # One database call at a time per service: SQLite has a single writer anyway, and
-        # serialising keeps read-check-write sequences free of races on any backend.
-        self._db_limiter = trio.CapacityLimiter(1)
+        # One database call at a time per service, in one long-lived thread: SQLite has a
+        # single writer anyway, serialising keeps read-check-write sequences free of races on
+        # any backend, and a thread kept for good costs no hand-off per call.
+        self.db_thread = DbThread(self.name)
+        #: Database threads started and stopped with the service (:meth:`add_db_thread`).
+        self.db_threads: list[DbThread] = [self.db_thread]
         self.db_metrics = (
             None
             if self.migrations is None
             else DatabaseMetrics(
                 self.metrics.registry,
                 in_use=self._db_connections_in_use,
-                waiting=lambda: self._db_limiter.statistics().tasks_waiting,
+                waiting=lambda: self.db_thread.waiting,
             )
         )
         #: The last failed database call: (trio time, reason), for /health.
@@ -184,15 +188,25 @@ class Service:
     def prepare_database(self, sessions: sessionmaker[Session]) -> None:
         """Hook (worker thread): build stores on ``sessions``, seed data."""
 
+    def add_db_thread(self, name: str) -> DbThread:
+        """Another database thread, started and stopped with the service like
+        :attr:`db_thread` (for work that must not queue behind the service's other calls,
+        e.g. the gateway's journal)."""
+        thread = DbThread(f"{self.name}-{name}")
+        self.db_threads.append(thread)
+        return thread
+
     async def in_db_thread(self, fn: Callable[..., R], *args: Any) -> R:
-        """Run a synchronous database call in a worker thread, one at a time (its wait,
-        duration and failure go to the ``paylab_db_*`` metrics; a failure also makes
-        ``/health`` report the database failing for ``db_failure_hold`` seconds)."""
+        """Run a synchronous database call in the service's database thread, one at a time
+        in submission order (:class:`~shared.store.db_thread.DbThread`: a call still queued
+        when its caller is cancelled never runs; one that started is finished and its
+        outcome returned). Its wait, duration and failure go to the ``paylab_db_*``
+        metrics; a failure also makes ``/health`` report the database failing for
+        ``db_failure_hold`` seconds."""
         try:
             if self.db_metrics is None:
-                return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
-            call = self.db_metrics.instrument(fn, *args)
-            return await trio.to_thread.run_sync(call, limiter=self._db_limiter)
+                return await self.db_thread.call(fn, *args)
+            return await self.db_thread.call(self.db_metrics.instrument(fn, *args))
         except DB_FAILURES as exc:
             self._db_failure = (trio.current_time(), database_reason(exc))
             raise
@@ -293,6 +307,8 @@ class Service:
         """Prepare, start links and listeners, report the ports, serve until stopped."""
         await self.prepare()
         async with trio.open_nursery() as nursery:
+            for db_thread in self.db_threads:
+                await nursery.start(db_thread.run)
             await self.start_background(nursery)
             if self.settings.message_record_file and self.record.enabled:
                 nursery.start_soon(self._write_record_file)
@@ -380,6 +396,9 @@ class Service:
         await self.stop_background()
         for link in self.links:
             await link.close()
+        # The calls still queued are finished before the engine goes.
+        for db_thread in self.db_threads:
+            await db_thread.aclose()
         await self.close_resources()
         self.log.info("service_stopped")
 

@@ -27,6 +27,7 @@ constraints are the caller's tools there.
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ __all__ = [
     "DatabaseFault",
     "connection_transaction",
     "engine_of",
+    "fault_of",
     "is_sqlite",
     "make_engine",
     "session_factory",
@@ -335,6 +337,8 @@ class DatabaseFault:
 
     def attach(self, engine: Engine) -> None:
         event.listen(engine, "before_cursor_execute", self._before_cursor_execute)
+        # Hot paths on the raw DB-API (shared.store.raw) bypass the hook: they ask here.
+        _FAULTS[engine] = self
 
     def set_down(self, down: bool) -> None:
         self.down = down
@@ -348,3 +352,11 @@ class DatabaseFault:
         if self.down:
             self.refused += 1
             raise OperationalError(statement, parameters, ConnectionError(self.MESSAGE))
+
+
+_FAULTS: weakref.WeakKeyDictionary[Engine, DatabaseFault] = weakref.WeakKeyDictionary()
+
+
+def fault_of(engine: Engine) -> DatabaseFault | None:
+    """The :class:`DatabaseFault` attached to ``engine``, if any."""
+    return _FAULTS.get(engine)
