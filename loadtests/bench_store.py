@@ -11,8 +11,9 @@ payment (``replay_and_cards``) likewise. Printed: CPU microseconds per payment
 wall microseconds per payment, the median of ``--rounds`` rounds. Also printed, as the
 floor: the same inserts and updates made with ``sqlite3`` directly.
 
-With ``--postgres`` (a SQLAlchemy URL of an empty database) the store runs on PostgreSQL
-instead (its tables are dropped and created); the floor is then not printed.
+With ``--postgres`` (a SQLAlchemy URL of a PostgreSQL database) the store runs there
+instead, in a schema of its own that is created for the run and dropped afterwards (no
+other table is touched); the floor is then not printed.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import sqlite3
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, make_url, text
 
-from billing.models import Base
 from billing.posting import PaymentRequest
 from billing.store import BillingStore
 from shared.store.db import make_engine, session_factory, upgrade
@@ -96,10 +98,6 @@ def _timed(run: Callable[[], None], count: int) -> tuple[float, float]:
 
 def bench_store(url: str, batches: list[int], payments: int, rounds: int) -> None:
     engine = make_engine(url)
-    if engine.dialect.name != "sqlite":
-        Base.metadata.drop_all(engine)
-        with engine.begin() as conn:
-            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     upgrade(engine, "billing:migrations")
     store = BillingStore(session_factory(engine))
     round_ = 0
@@ -176,11 +174,31 @@ def main() -> None:
     parser.add_argument("--postgres", help="a PostgreSQL URL instead of a SQLite file")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    if args.postgres:
+        with postgres_schema(args.postgres) as url:
+            bench_store(url, batches, args.payments, args.rounds)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        url = args.postgres or f"sqlite:///{tmp}/billing.db"
-        bench_store(url, batches, args.payments, args.rounds)
-        if not args.postgres:
-            bench_floor(Path(tmp) / "floor.db", batches, args.payments)
+        bench_store(f"sqlite:///{tmp}/billing.db", batches, args.payments, args.rounds)
+        bench_floor(Path(tmp) / "floor.db", batches, args.payments)
+
+
+@contextmanager
+def postgres_schema(url: str) -> Iterator[str]:
+    """``url`` narrowed to a new schema of this run's own, dropped at the end."""
+    schema = f"bench_store_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(url)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        try:
+            narrowed = make_url(url).update_query_dict({"options": f"-csearch_path={schema}"})
+            yield narrowed.render_as_string(hide_password=False)
+        finally:
+            with admin.begin() as conn:
+                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    finally:
+        admin.dispose()
 
 
 if __name__ == "__main__":

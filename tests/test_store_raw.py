@@ -210,3 +210,34 @@ def test_sqlite_write_transactions_begin_immediate(tmp_path: Path) -> None:
         other.close()
         raw.close()
         engine.dispose()
+
+
+def test_postgres_a_connection_killed_while_idle_is_replaced_before_use(engine: Engine) -> None:
+    """What pool_pre_ping did for the pool: a database restarted while the hot path was idle
+    costs a reconnection, not a failed transaction. Without the ping (a connection used
+    again at once) the transaction fails and the broken connection is replaced."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("a server connection only")
+
+    def kill(connection: object) -> None:
+        pid = connection.info.backend_pid  # type: ignore[attr-defined]
+        with engine.connect() as admin:
+            admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+    pinging = RawConnections(engine, ping_after=0.0)
+    trusting = RawConnections(engine, ping_after=3600.0)
+    try:
+        killed = []
+        for raw in (pinging, trusting):
+            with raw.transaction(write=False) as tx:
+                killed.append(tx.connection)
+            kill(tx.connection)
+        with pinging.transaction(write=False) as tx:
+            assert tx.connection is not killed[0] and tx.scalar("SELECT 1") == 1
+        with pytest.raises(OperationalError), trusting.transaction(write=False) as tx:
+            tx.scalar("SELECT 1")
+        with trusting.transaction(write=False) as tx:
+            assert tx.scalar("SELECT 1") == 1
+    finally:
+        pinging.close()
+        trusting.close()

@@ -20,11 +20,13 @@ migrations and everything off the hot path.
 
 Connections: one per concurrent user. A caller takes an idle connection (or opens one) for
 its transaction and gives it back afterwards, so a service whose calls run in one
-database thread uses exactly one; a connection that failed is closed rather than reused.
+database thread uses exactly one; a connection found broken is closed rather than reused,
+and on PostgreSQL one idle for a while is pinged before use (see ``RawConnections._take``).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime
@@ -156,12 +158,14 @@ class RawTransaction:
 class RawConnections:
     """Long-lived raw DB-API connections of ``engine`` for hot-path transactions."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, ping_after: float = 1.0) -> None:
         self._engine = engine
         self._sqlite = is_sqlite(engine)
         self._dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
-        self._idle: list[Any] = []
-        self._closed = False
+        #: Idle connections with the monotonic time they were given back.
+        self._idle: list[tuple[Any, float]] = []
+        #: A server connection idle longer than this is pinged before use (see _take).
+        self._ping_after = ping_after
 
     @contextmanager
     def transaction(self, *, write: bool) -> Iterator[RawTransaction]:
@@ -200,21 +204,35 @@ class RawConnections:
     def close(self) -> None:
         """Close the idle connections; later transactions open new ones."""
         idle, self._idle = self._idle, []
-        for connection in idle:
+        for connection, _ in idle:
             self._discard(connection)
 
     def _take(self) -> Any:
-        try:
-            return self._idle.pop()  # atomic: each caller gets its own connection
-        except IndexError:
-            pass
+        """An idle connection, or a new one. A server connection (PostgreSQL) that has
+        been idle for ``ping_after`` seconds is pinged first, as the pool's pre-ping would:
+        a database restarted meanwhile costs a reconnection, not a failed transaction.
+        Under load connections are never that idle, so the hot path pays no round trip."""
+        while True:
+            try:
+                connection, since = self._idle.pop()  # atomic: one caller per connection
+            except IndexError:
+                break
+            if self._sqlite or time.monotonic() - since < self._ping_after:
+                return connection
+            try:
+                connection.execute("SELECT 1")
+                connection.rollback()
+            except Exception:
+                self._discard(connection)
+                continue
+            return connection
         fairy = self._engine.raw_connection()  # the pool's connect hooks apply
         connection = fairy.driver_connection
         fairy.detach()  # ours for good: the pool neither counts nor recycles it
         return connection
 
     def _give_back(self, connection: Any) -> None:
-        self._idle.append(connection)
+        self._idle.append((connection, time.monotonic()))
 
     def _rollback(self, connection: Any) -> bool:
         """Roll back after a failure; False when the connection is unusable."""
