@@ -13,15 +13,21 @@ Conventions and contracts:
 * Hex strings returned by this module are upper case; hex accepted as input may be either case.
 * Every error raised deliberately is a :class:`CryptoError` (a ``ValueError``). Error messages
   never contain PINs, PIN blocks or keys.
+* Safe to call from several threads at once.
+* Key material is cached: the last keys used (at most a few hundred per process, and per
+  thread for the ECB contexts) stay referenced by this module's caches, as cipher objects
+  and open ECB contexts, for the life of the process (or the thread). Callers already keep
+  these keys in memory; the caches only keep them a little longer, bounded in number.
 """
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from typing import Final, Literal
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-from cryptography.hazmat.primitives.ciphers import Cipher, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, modes
 
 __all__ = [
     "BLOCK_SIZE",
@@ -118,20 +124,46 @@ def _check_blocks(data: bytes) -> None:
         raise CryptoError(f"data must be a non-empty multiple of 8 bytes, got {len(data)}")
 
 
+_ECB_CONTEXTS_PER_THREAD: Final = 64
+_contexts = threading.local()
+
+
+def _ecb_pair(key: bytes) -> tuple[CipherContext, CipherContext]:
+    """This thread's long-lived ECB (encryptor, decryptor) for ``key``.
+
+    Building a context costs several times the block operation it serves. ECB carries no
+    state from one block to the next, so a context whose ``update`` is only ever given whole
+    blocks (checked by the callers) returns exactly what a fresh context would, call after
+    call. A context is not safe to share between threads, hence one cache per thread; each
+    holds at most ``_ECB_CONTEXTS_PER_THREAD`` keys, the oldest dropped first.
+    """
+    try:
+        cache: dict[bytes, tuple[CipherContext, CipherContext]] = _contexts.ecb
+    except AttributeError:
+        cache = _contexts.ecb = {}
+    pair = cache.get(key)
+    if pair is None:
+        cipher = _ecb(key)  # raises InvalidKeyError before anything is cached
+        pair = (cipher.encryptor(), cipher.decryptor())
+        if len(cache) >= _ECB_CONTEXTS_PER_THREAD:
+            del cache[next(iter(cache))]
+        cache[key] = pair
+    return pair
+
+
 def ecb_encrypt(key: bytes, data: bytes) -> bytes:
     """DES/3DES ECB-encrypt ``data`` (a non-empty multiple of 8 bytes) under ``key``.
 
     Raises :class:`InvalidKeyError` for a bad key length, :class:`CryptoError` for bad data.
     """
     _check_blocks(data)
-    # A fresh context per call keeps this safe to use from several threads.
-    return _ecb(bytes(key)).encryptor().update(bytes(data))
+    return _ecb_pair(bytes(key))[0].update(bytes(data))
 
 
 def ecb_decrypt(key: bytes, data: bytes) -> bytes:
     """DES/3DES ECB-decrypt ``data`` (a non-empty multiple of 8 bytes) under ``key``."""
     _check_blocks(data)
-    return _ecb(bytes(key)).decryptor().update(bytes(data))
+    return _ecb_pair(bytes(key))[1].update(bytes(data))
 
 
 def has_odd_parity(key: bytes) -> bool:

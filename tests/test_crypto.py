@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
@@ -336,3 +339,58 @@ def test_decimalisation_second_pass() -> None:
 def test_pvv_rejects_bad_input(pvk: bytes, pvki: str, pin: str, error: type[Exception]) -> None:
     with pytest.raises(error):
         pvv(pvk, "4000001234567899", pvki, pin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Long-lived ECB contexts (one per key and thread)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fresh(key: bytes) -> Cipher[modes.ECB]:
+    full = {8: key * 3, 16: key + key[:8], 24: key}[len(key)]
+    return Cipher(TripleDES(full), modes.ECB())
+
+
+def test_reused_ecb_contexts_match_fresh_ones_for_many_keys_and_blocks() -> None:
+    rng = random.Random(18)
+    # More keys than one thread's cache holds, revisited in random order: hits, misses and
+    # evictions interleave, in both directions, with one to four blocks per call.
+    keys = [rng.randbytes(rng.choice((8, 16, 24))) for _ in range(100)]
+    for _ in range(3_000):
+        key = rng.choice(keys)
+        data = rng.randbytes(8 * rng.randint(1, 4))
+        assert ecb_encrypt(key, data) == _fresh(key).encryptor().update(data)
+        assert ecb_decrypt(key, data) == _fresh(key).decryptor().update(data)
+        assert ecb_decrypt(key, ecb_encrypt(key, data)) == data
+
+
+def test_ecb_context_cache_is_bounded_per_thread() -> None:
+    for i in range(3 * crypto._ECB_CONTEXTS_PER_THREAD):
+        ecb_encrypt(i.to_bytes(8, "big") * 2, bytes(8))
+    assert len(crypto._contexts.ecb) == crypto._ECB_CONTEXTS_PER_THREAD
+
+
+def test_bad_keys_are_not_cached() -> None:
+    before = dict(getattr(crypto._contexts, "ecb", {}))
+    with pytest.raises(InvalidKeyError):
+        ecb_encrypt(bytes(7), bytes(8))
+    assert getattr(crypto._contexts, "ecb", {}) == before
+
+
+def test_ecb_from_many_threads_at_once_matches_fresh_contexts() -> None:
+    keys = [random.Random(i).randbytes(16) for i in range(8)]
+    barrier = threading.Barrier(4)
+
+    def work(seed: int) -> list[bool]:
+        rng = random.Random(seed)
+        barrier.wait(timeout=30)
+        results = []
+        for _ in range(2_000):
+            key, data = rng.choice(keys), rng.randbytes(16)
+            results.append(ecb_encrypt(key, data) == _fresh(key).encryptor().update(data))
+            results.append(ecb_decrypt(key, data) == _fresh(key).decryptor().update(data))
+        return results
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = list(pool.map(work, range(4)))
+    assert all(all(results) for results in outcomes)
