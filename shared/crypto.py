@@ -192,8 +192,9 @@ def kcv(key: bytes, digits: int = 6) -> str:
 
 
 def _is_decimal(s: str) -> bool:
-    # str.isdigit() accepts non-ASCII digits such as "²"; payment fields are ASCII only.
-    return bool(s) and all(c in _DIGITS for c in s)
+    # str.isdigit() alone accepts non-ASCII digits such as "²"; payment fields are ASCII only,
+    # and among ASCII characters isdigit() is exactly 0-9.
+    return s.isascii() and s.isdigit()
 
 
 def pan_field_12(pan: str) -> str:
@@ -229,9 +230,10 @@ def pin_block_format0_account(pin: str, account12: str) -> bytes:
     """
     _check_pin(pin)
     _check_account12(account12)
-    pin_field = bytes.fromhex(f"0{len(pin):X}{pin}".ljust(16, "F"))
-    pan_field = bytes.fromhex("0000" + account12)
-    return bytes(a ^ b for a, b in zip(pin_field, pan_field, strict=True))
+    # The account field is 0000 followed by the 12 digits read as hex nibbles: as an integer,
+    # the digits read in base 16.
+    pin_field = int(f"0{len(pin):X}{pin}".ljust(16, "F"), 16)
+    return (pin_field ^ int(account12, 16)).to_bytes(BLOCK_SIZE, "big")
 
 
 def pin_block_format0(pin: str, pan: str) -> bytes:
@@ -249,8 +251,7 @@ def decode_pin_block_format0_account(block: bytes, account12: str) -> str:
     if len(block) != BLOCK_SIZE:
         raise PinBlockError("PIN block must be 8 bytes", "size")
     _check_account12(account12)
-    pan_field = bytes.fromhex("0000" + account12)
-    nibbles = bytes(a ^ b for a, b in zip(block, pan_field, strict=True)).hex().upper()
+    nibbles = f"{int.from_bytes(block, 'big') ^ int(account12, 16):016X}"
     if nibbles[0] != "0":
         raise PinBlockError("PIN block control field is not format 0", "control")
     length = int(nibbles[1], 16)
