@@ -15,7 +15,7 @@ Conventions and contracts:
   never contain PINs, PIN blocks or keys.
 * Safe to call from several threads at once.
 * Key material is cached: the last keys used (at most a few hundred per process, and per
-  thread for the ECB contexts) stay referenced by this module's caches, as cipher objects
+  thread for the ECB and CBC contexts) stay referenced by this module's caches, as cipher objects
   and open ECB contexts, for the life of the process (or the thread). Callers already keep
   these keys in memory; the caches only keep them a little longer, bounded in number.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from functools import lru_cache
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, modes
@@ -318,9 +318,34 @@ def mac_alg3(key16: bytes, data: bytes, padding: int = 1) -> bytes:
     if len(key16) != 16:
         raise InvalidKeyError(f"retail MAC key must be 16 bytes, got {len(key16)}")
     k1, k2 = key16[:8], key16[8:]
-    chained = _cbc_zero_iv(k1).encryptor().update(_pad(bytes(data), padding))
-    last = chained[-BLOCK_SIZE:]
+    last = _cbc_last_block(k1, _pad(bytes(data), padding))
     return ecb_encrypt(k1, ecb_decrypt(k2, last))
+
+
+def _cbc_last_block(key: bytes, padded: bytes) -> bytes:
+    """The last block of the zero-IV CBC encryption of ``padded`` (whole blocks) under ``key``.
+
+    This thread's long-lived CBC context for ``key`` is reused: its chaining value is the last
+    block it produced, ``c``; XORing ``c`` into the first block cancels it, so the context
+    computes E(p1 xor c xor c) = E(p1 xor zero IV), exactly what a fresh zero-IV context
+    would, and chains the following blocks as usual.
+    """
+    try:
+        cache: dict[bytes, list[Any]] = _contexts.cbc
+    except AttributeError:
+        cache = _contexts.cbc = {}
+    entry = cache.pop(key, None)  # out of the cache while in use: dropped if update fails
+    if entry is None:
+        entry = [_cbc_zero_iv(key).encryptor(), 0]
+    context, chaining = entry
+    first = int.from_bytes(padded[:BLOCK_SIZE], "big") ^ chaining
+    out = context.update(first.to_bytes(BLOCK_SIZE, "big") + padded[BLOCK_SIZE:])
+    last = out[-BLOCK_SIZE:]
+    entry[1] = int.from_bytes(last, "big")
+    if len(cache) >= _ECB_CONTEXTS_PER_THREAD:
+        del cache[next(iter(cache))]
+    cache[key] = entry
+    return last
 
 
 # --------------------------------------------------------------------------------------------

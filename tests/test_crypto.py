@@ -394,3 +394,43 @@ def test_ecb_from_many_threads_at_once_matches_fresh_contexts() -> None:
     with ThreadPoolExecutor(max_workers=4) as pool:
         outcomes = list(pool.map(work, range(4)))
     assert all(all(results) for results in outcomes)
+
+
+def _mac_reference(key16: bytes, padded: bytes) -> bytes:
+    k1, k2 = key16[:8], key16[8:]
+    chained = Cipher(TripleDES(k1 * 3), modes.CBC(bytes(8))).encryptor().update(padded)
+    last = _fresh(k2).decryptor().update(chained[-8:])
+    return _fresh(k1).encryptor().update(last)
+
+
+def test_reused_cbc_contexts_give_the_zero_iv_mac_for_many_keys_and_messages() -> None:
+    rng = random.Random(9797)
+    # More keys than one thread's cache holds, each reused many times with messages of
+    # every length from empty to 20 blocks, both padding methods.
+    keys = [rng.randbytes(16) for _ in range(100)]
+    for _ in range(3_000):
+        key, data, padding = (
+            rng.choice(keys),
+            rng.randbytes(rng.randint(0, 160)),
+            rng.choice((1, 2)),
+        )
+        assert mac_alg3(key, data, padding) == _mac_reference(key, crypto._pad(data, padding))
+    assert len(crypto._contexts.cbc) <= crypto._ECB_CONTEXTS_PER_THREAD
+
+
+def test_mac_from_many_threads_at_once_matches_the_reference() -> None:
+    keys = [random.Random(i).randbytes(16) for i in range(4)]
+    barrier = threading.Barrier(4)
+
+    def work(seed: int) -> bool:
+        rng = random.Random(seed)
+        barrier.wait(timeout=30)
+        return all(
+            mac_alg3(key, data) == _mac_reference(key, crypto._pad(data, 1))
+            for key, data in (
+                (rng.choice(keys), rng.randbytes(rng.randint(0, 64))) for _ in range(2_000)
+            )
+        )
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(work, range(4)))
