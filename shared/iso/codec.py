@@ -224,6 +224,28 @@ def encode(msg: Mapping[str, str]) -> bytes:
     return bytes(raw)
 
 
+def encode_keeping(msg: Mapping[str, str]) -> tuple[bytes, Message | None]:
+    """``encode(msg)``, with what :func:`decode` returns for those bytes when that follows
+    from ``msg`` alone (``None`` otherwise): a sender that records what it sent need not
+    decode its own payload again.
+
+    Known for a message the fast encoder takes (its keys are the MTI, the ignored bitmap
+    keys and canonical field keys, its values ASCII strings that fit their fields, so
+    decoding gives every value back verbatim) whose MTI is 4 digits: the MTI first, then
+    the fields in ascending order, the bitmap keys left out, as :func:`decode` builds it.
+    """
+    fast = _fast_encode(msg)
+    if fast is None:
+        return encode(msg), None
+    mti = msg["t"]
+    if not mti.isdigit():
+        return fast, None  # decode refuses it: let the caller find that out
+    doc: dict[str, str] = {"t": mti}
+    for key in sorted((k for k in msg if k != "t" and k != "p" and k != "1"), key=int):
+        doc[key] = msg[key]
+    return fast, doc
+
+
 def decode(data: bytes) -> Message:
     """Decode one payload into a message dict (bitmap keys removed).
 
