@@ -84,7 +84,13 @@ from shared.net.upstream import request_deadline
 from shared.ops.settings import Settings
 from shared.pan import PanHasher, account_number_12, mask_pan
 from shared.server.http import json_error
-from shared.server.service import IsoDialect, IsoFrame, IsoService, decode_iso_keyed
+from shared.server.service import (
+    IsoDialect,
+    IsoFrame,
+    IsoService,
+    decode_iso_keyed,
+    encode_upstream,
+)
 from shared.store.db import DatabaseError, utc_iso
 from shared.store.vault import Vault
 
@@ -348,7 +354,7 @@ class GatewayService(IsoService):
             return await self._stand_in(fwd, msg, received_at), True
         try:
             answer = await self.billing.call(
-                codec.encode(fwd),
+                encode_upstream(fwd),
                 match_key(fwd),
                 timeout=self.settings.billing_timeout,
                 # Advices and reversals are idempotent at billing: resending is safe.
@@ -507,7 +513,7 @@ class GatewayService(IsoService):
         code: str | None = None
         try:
             answer = await self.billing.call(
-                codec.encode(reversal),
+                encode_upstream(reversal),
                 match_key(reversal),
                 timeout=self.settings.billing_timeout,
                 resend_safe=True,

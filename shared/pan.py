@@ -51,10 +51,13 @@ def account_number_12(pan: str) -> str:
 class PanHasher:
     """Keyed hash of a PAN (HMAC-SHA256, hex), for lookups without storing the PAN."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("_keyed",)
 
     def __init__(self, key: bytes) -> None:
-        self._key = key
+        # Keyed once: copying the keyed state is cheaper than keying HMAC again per call.
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
 
     def __call__(self, pan: str) -> str:
-        return hmac.new(self._key, pan.encode("ascii"), hashlib.sha256).hexdigest()
+        mac = self._keyed.copy()
+        mac.update(pan.encode("ascii"))
+        return mac.hexdigest()

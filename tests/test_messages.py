@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -423,6 +425,14 @@ def test_pan_hasher_is_deterministic_and_key_dependent() -> None:
     assert PAN not in digest
     assert h2(PAN) != digest
     assert h1("4111111111111111") != digest
+
+
+def test_pan_hasher_is_hmac_sha256_of_the_pan_whatever_came_before() -> None:
+    # The keyed state is shared between calls: each call must start from it afresh.
+    hasher = PanHasher(b"key-one")
+    for pan in (PAN, "4111111111111111", PAN, "5500000000000004"):
+        expected = hmac.new(b"key-one", pan.encode("ascii"), hashlib.sha256).hexdigest()
+        assert hasher(pan) == expected
 
 
 # ---------------------------------------------------------------------------------------------

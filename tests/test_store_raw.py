@@ -119,6 +119,31 @@ def test_errors_come_out_as_sqlalchemy_types_and_roll_back(engine: Engine) -> No
         raw.close()
 
 
+def test_a_failed_commit_rolls_back_and_comes_out_as_a_sqlalchemy_error(engine: Engine) -> None:
+    # A deferred foreign key is checked at COMMIT: the failure comes from the commit itself.
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE parents (id INTEGER PRIMARY KEY)"))
+        conn.execute(
+            text(
+                "CREATE TABLE children (id INTEGER PRIMARY KEY, parent INTEGER "
+                "REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+    raw, sql = RawConnections(engine), SqlText(engine)
+    orphan = sql.sql("INSERT INTO children (id, parent) VALUES (?, ?)")
+    try:
+        with pytest.raises(IntegrityError), raw.transaction(write=True) as tx:
+            tx.run(orphan, (1, 99))
+        with raw.transaction(write=True) as tx:  # rolled back, and the connection works
+            assert tx.scalar("SELECT count(*) FROM children") == 0
+            tx.run(sql.sql("INSERT INTO parents (id) VALUES (?)"), (99,))
+            tx.run(orphan, (1, 99))
+        with raw.transaction(write=False) as tx:
+            assert tx.scalar("SELECT count(*) FROM children") == 1
+    finally:
+        raw.close()
+
+
 def test_a_broken_connection_is_replaced(engine: Engine) -> None:
     raw = RawConnections(engine)
     try:

@@ -94,6 +94,14 @@ _TABLE: FieldTable | None = _build_table(SPEC)
 _KEYS: dict[str, tuple[int, int, int]] = {
     str(n): (1 << (128 - n), lt, ml) for n, (lt, ml) in (_TABLE or {}).items()
 }
+# Decode side: bit_length of a 128-bit bitmap -> (that bit, canonical key, len_type,
+# max_len), None where the table has no field (fields in the order bits are cleared).
+_BY_TOP: tuple[tuple[int, str, int, int] | None, ...] = tuple(
+    (1 << (top - 1), str(129 - top), *_TABLE[129 - top])
+    if _TABLE is not None and 129 - top in _TABLE
+    else None
+    for top in range(129)
+)
 # Zero-padded length prefixes, indexed by [len_type][length].
 _PREFIXES: tuple[tuple[str, ...], ...] = tuple(
     tuple(f"{n:0{lt}d}" for n in range(10**lt)) if lt else ("",) for lt in range(4)
@@ -152,8 +160,7 @@ def _fast_decode(data: Any) -> dict[str, str] | None:
     ``None`` so pyiso8583 produces the canonical result or error; the fast path never
     returns a result different from the library's.
     """
-    table = _TABLE
-    if table is None:
+    if _TABLE is None:  # the fast path is off (see _build_table)
         return None
     kind = type(data)
     if kind is not bytes and kind is not bytearray:
@@ -177,14 +184,13 @@ def _fast_decode(data: Any) -> dict[str, str] | None:
         bits = (bits ^ _BIT1) | low
         pos = 36
     doc: dict[str, str] = {"t": text[:4]}
+    by_top = _BY_TOP
     while bits:
-        top = bits.bit_length()
-        bits ^= 1 << (top - 1)
-        number = 129 - top
-        entry = table.get(number)
+        entry = by_top[bits.bit_length()]
         if entry is None:
             return None
-        len_type, length = entry
+        bit, key, len_type, length = entry
+        bits ^= bit
         if len_type:
             end = pos + len_type
             prefix = text[pos:end]
@@ -199,7 +205,7 @@ def _fast_decode(data: Any) -> dict[str, str] | None:
         end = pos + length
         if end > size:
             return None
-        doc[str(number)] = text[pos:end]
+        doc[key] = text[pos:end]
         pos = end
     if pos != size:
         return None
@@ -222,6 +228,28 @@ def encode(msg: Mapping[str, str]) -> bytes:
     except _LibEncodeError as exc:
         raise ValidationError(f"cannot encode: {exc}", field=getattr(exc, "field", None)) from None
     return bytes(raw)
+
+
+def encode_keeping(msg: Mapping[str, str]) -> tuple[bytes, Message | None]:
+    """``encode(msg)``, with what :func:`decode` returns for those bytes when that follows
+    from ``msg`` alone (``None`` otherwise): a sender that records what it sent need not
+    decode its own payload again.
+
+    Known for a message the fast encoder takes (its keys are the MTI, the ignored bitmap
+    keys and canonical field keys, its values ASCII strings that fit their fields, so
+    decoding gives every value back verbatim) whose MTI is 4 digits: the MTI first, then
+    the fields in ascending order, the bitmap keys left out, as :func:`decode` builds it.
+    """
+    fast = _fast_encode(msg)
+    if fast is None:
+        return encode(msg), None
+    mti = msg["t"]
+    if not mti.isdigit():
+        return fast, None  # decode refuses it: let the caller find that out
+    doc: dict[str, str] = {"t": mti}
+    for key in sorted((k for k in msg if k != "t" and k != "p" and k != "1"), key=int):
+        doc[key] = msg[key]
+    return fast, doc
 
 
 def decode(data: bytes) -> Message:

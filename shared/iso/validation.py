@@ -36,8 +36,14 @@ def _digits(n: int | None = None) -> Callable[[str], bool]:
     return lambda v: len(v) == n and v.isascii() and v.isdigit()
 
 
+# Built once: a rule that called _digits(n) would build a new closure per message.
+_ALL_DIGITS = _digits()
+_DIGITS6 = _digits(6)
+_DIGITS10 = _digits(10)
+
+
 def _datetime10(v: str) -> bool:
-    if not _digits(10)(v):
+    if not _DIGITS10(v):
         return False
     month, day, hh, mm, ss = int(v[0:2]), int(v[2:4]), int(v[4:6]), int(v[6:8]), int(v[8:10])
     return 1 <= month <= 12 and 1 <= day <= 31 and hh < 24 and mm < 60 and ss < 60
@@ -49,10 +55,10 @@ FIELD_RULES: dict[str, tuple[Callable[[str], bool], str]] = {
     "3": (lambda v: v in PROCESSING_CODES, "processing code: 310000 or 500000"),
     "4": (_digits(12), "amount: 12 digits, minor units"),
     "7": (_datetime10, "transmission date-time: MMDDhhmmss"),
-    "11": (lambda v: _digits(6)(v) and v != "000000", "STAN: 6 digits, not all zero"),
+    "11": (lambda v: _DIGITS6(v) and v != "000000", "STAN: 6 digits, not all zero"),
     "12": (_digits(6), "local time: hhmmss"),
     "13": (_digits(4), "local date: MMDD"),
-    "32": (lambda v: _digits()(v) and 1 <= len(v) <= 11, "acquirer institution: 1-11 digits"),
+    "32": (lambda v: _ALL_DIGITS(v) and 1 <= len(v) <= 11, "acquirer institution: 1-11 digits"),
     "37": (lambda v: len(v) == 12 and v.isascii() and v.isalnum(), "RRN: 12 alphanumerics"),
     "39": (lambda v: len(v) == 2 and v.isascii() and v.isalnum(), "response code: 2 chars"),
     "41": (lambda v: len(v) == 8 and bool(_PRINTABLE.fullmatch(v)), "terminal: 8 characters"),

@@ -9,6 +9,7 @@ one nursery; :meth:`stop` drains: stop accepting and reading, answer what is in 
 
 from __future__ import annotations
 
+import contextvars
 import ssl
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -73,7 +74,27 @@ __all__ = [
     "Service",
     "database_reason",
     "decode_iso_keyed",
+    "encode_upstream",
 ]
+
+
+#: The last request encoded by :func:`encode_upstream` in this task: (payload, the message
+#: :func:`codec.decode` would give for it), so the record need not decode it again.
+_encoded: contextvars.ContextVar[tuple[bytes, Message] | None] = contextvars.ContextVar(
+    "paylab_encoded_upstream", default=None
+)
+
+
+def encode_upstream(msg: Message) -> bytes:
+    """``codec.encode(msg)`` for a request about to be sent on an ISO upstream link.
+
+    Same bytes; the link's record then takes the message as sent from here (when
+    :func:`codec.encode_keeping` can tell it) instead of decoding the payload again.
+    """
+    payload, decoded = codec.encode_keeping(msg)
+    if decoded is not None:
+        _encoded.set((payload, decoded))
+    return payload
 
 
 class Dialect(LinkDialect[T_contra], AnswerPolicy[T_contra], Protocol[T_contra]):
@@ -692,11 +713,15 @@ class _RecordedPool(UpstreamPool[T]):
 
     def _record_sent(self, payload: bytes, mono: float, wall: float, note: str) -> None:
         if self._iso:
-            try:
-                msg = codec.decode(payload)
-            except DecodeError:
-                self._record.undecodable("out", self.name, len(payload), mono, wall)
-                return
+            kept = _encoded.get()
+            if kept is not None and kept[0] is payload:
+                msg = kept[1]  # encoded by encode_upstream: what decoding would give
+            else:
+                try:
+                    msg = codec.decode(payload)
+                except DecodeError:
+                    self._record.undecodable("out", self.name, len(payload), mono, wall)
+                    return
             self._record.iso("out", self.name, msg, mono, wall, note=note)
         else:
             header, command = _hsm_code(payload)

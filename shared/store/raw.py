@@ -27,9 +27,10 @@ and on PostgreSQL one idle for a while is pinged before use (see ``RawConnection
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
+from contextlib import suppress
 from datetime import datetime
+from types import TracebackType
 from typing import Any, Final
 
 from sqlalchemy import Engine
@@ -167,39 +168,34 @@ class RawConnections:
         #: A server connection idle longer than this is pinged before use (see _take).
         self._ping_after = ping_after
 
-    @contextmanager
-    def transaction(self, *, write: bool) -> Iterator[RawTransaction]:
-        """One transaction on a connection of this pool's own (see the module docstring).
+    def transaction(self, *, write: bool) -> _Transaction:
+        """One transaction on a connection of this pool's own (see the module docstring),
+        as a context manager giving the :class:`RawTransaction`: committed when the block
+        ends normally, rolled back when it raises (the exception goes on).
 
         Raises:
             sqlalchemy.exc.DBAPIError: (a subclass of) for any DB-API failure.
         """
-        fault = fault_of(self._engine)
-        connection = self._take()
-        tx = RawTransaction(connection, self._sqlite, fault)
-        try:
-            if self._sqlite:
-                tx.run("BEGIN IMMEDIATE" if write else "BEGIN")
-            yield tx
-            connection.commit()
-        except BaseException as exc:
-            # A connection goes back unless it is broken: a lost unique-key race (the
-            # retry path) or a failed check must not cost a reconnection.
-            kept = self._rollback(connection) and not (
-                isinstance(exc, self._dbapi_error)
-                and self._engine.dialect.is_disconnect(exc, connection, None)  # type: ignore[arg-type]
-            )
-            if kept:
-                self._give_back(connection)
-            else:
-                self._discard(connection)
-            if isinstance(exc, self._dbapi_error):
-                raise DBAPIError.instance(
-                    "", None, exc, self._dbapi_error, dialect=self._engine.dialect
-                ) from exc
-            raise
-        else:
+        return _Transaction(self, write)
+
+    def _failed(self, connection: Any, exc: BaseException) -> None:
+        """After a failure in a transaction on ``connection``: roll back, keep or drop the
+        connection, and raise the DB-API error wrapped as SQLAlchemy's. Returns for any
+        other exception (the caller lets it go on)."""
+        # A connection goes back unless it is broken: a lost unique-key race (the retry
+        # path) or a failed check must not cost a reconnection.
+        kept = self._rollback(connection) and not (
+            isinstance(exc, self._dbapi_error)
+            and self._engine.dialect.is_disconnect(exc, connection, None)  # type: ignore[arg-type]
+        )
+        if kept:
             self._give_back(connection)
+        else:
+            self._discard(connection)
+        if isinstance(exc, self._dbapi_error):
+            raise DBAPIError.instance(
+                "", None, exc, self._dbapi_error, dialect=self._engine.dialect
+            ) from exc
 
     def close(self) -> None:
         """Close the idle connections; later transactions open new ones."""
@@ -246,3 +242,46 @@ class RawConnections:
     def _discard(connection: Any) -> None:
         with suppress(Exception):
             connection.close()
+
+
+class _Transaction:
+    """The context manager of :meth:`RawConnections.transaction`: a plain class rather
+    than a generator-based one, which costs several calls more per transaction."""
+
+    __slots__ = ("_connection", "_pool", "_write")
+
+    def __init__(self, pool: RawConnections, write: bool) -> None:
+        self._pool = pool
+        self._write = write
+        self._connection: Any = None
+
+    def __enter__(self) -> RawTransaction:
+        pool = self._pool
+        fault = fault_of(pool._engine)
+        connection = self._connection = pool._take()
+        tx = RawTransaction(connection, pool._sqlite, fault)
+        if pool._sqlite:
+            try:
+                tx.run("BEGIN IMMEDIATE" if self._write else "BEGIN")
+            except BaseException as exc:
+                pool._failed(connection, exc)
+                raise
+        return tx
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        connection, self._connection = self._connection, None
+        pool = self._pool
+        if kind is not None:
+            pool._failed(connection, exc)  # type: ignore[arg-type]
+            return  # not a DB-API error: it goes on as it is
+        try:
+            connection.commit()
+        except BaseException as failure:
+            pool._failed(connection, failure)
+            raise
+        pool._give_back(connection)
