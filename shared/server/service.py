@@ -634,6 +634,15 @@ def _recorded_decode(
     return recorded
 
 
+def _failure_note(exc: UpstreamError) -> str:
+    """The record's note on a request whose call failed with ``exc``."""
+    if isinstance(exc, UpstreamTimeout):
+        return "no answer in time"
+    if isinstance(exc, UpstreamUnavailable):
+        return "sent, link broke" if exc.sent else f"not sent: {exc}"
+    return str(exc)
+
+
 class _RecordedPool(UpstreamPool[T]):
     """A pool that records every request it sends (each attempt: retries are their own
     entries), tagged with the request being handled for HSM commands."""
@@ -651,28 +660,13 @@ class _RecordedPool(UpstreamPool[T]):
         note = ""
         try:
             result = await super().call(payload, key, timeout)
-        except UpstreamTimeout:
-            note = "no answer in time"
-            raise
-        except UpstreamUnavailable as exc:
-            note = "sent, link broke" if exc.sent else f"not sent: {exc}"
-            raise
         except UpstreamError as exc:
-            note = str(exc)
+            note = _failure_note(exc)
             raise
         finally:
             self._record_sent(payload, mono, wall, note)
         if not self._iso:  # the HSM's answer, tagged like its command (ISO: see decode)
-            record.hsm(
-                "in",
-                self.name,
-                str(getattr(result, "header", "")),
-                str(getattr(result, "code", "")),
-                str(getattr(result, "error", "")),
-                time.monotonic(),
-                time.time(),
-                current_request.get(),
-            )
+            self._record_hsm_answer(result)
         return result
 
     async def call_many(
@@ -685,31 +679,29 @@ class _RecordedPool(UpstreamPool[T]):
         note = ""
         try:
             results = await super().call_many(requests, timeout)
-        except UpstreamTimeout:
-            note = "no answer in time"
-            raise
-        except UpstreamUnavailable as exc:
-            note = "sent, link broke" if exc.sent else f"not sent: {exc}"
-            raise
         except UpstreamError as exc:
-            note = str(exc)
+            note = _failure_note(exc)
             raise
         finally:
             for payload, _key in requests:
                 self._record_sent(payload, mono, wall, note)
         if not self._iso:
             for result in results:
-                record.hsm(
-                    "in",
-                    self.name,
-                    str(getattr(result, "header", "")),
-                    str(getattr(result, "code", "")),
-                    str(getattr(result, "error", "")),
-                    time.monotonic(),
-                    time.time(),
-                    current_request.get(),
-                )
+                self._record_hsm_answer(result)
         return results
+
+    def _record_hsm_answer(self, result: object) -> None:
+        """The HSM's answer, tagged like its command with the request being handled."""
+        self._record.hsm(
+            "in",
+            self.name,
+            str(getattr(result, "header", "")),
+            str(getattr(result, "code", "")),
+            str(getattr(result, "error", "")),
+            time.monotonic(),
+            time.time(),
+            current_request.get(),
+        )
 
     def _record_sent(self, payload: bytes, mono: float, wall: float, note: str) -> None:
         if self._iso:
