@@ -368,21 +368,29 @@ class Service:
 
     async def _write_record_file(self) -> None:
         """Append the record's new entries to ``data_dir/messages-<service>.jsonl`` once a
-        second, and a last time when the service stops (the HTTP listener's stop)."""
+        second, and a last time when the service stops (the HTTP listener's stop) or this
+        task is cancelled (a stop whose grace ran out): what was recorded is not lost."""
         path = self.settings.data_dir / f"messages-{self.name}.jsonl"
         since = 0
-        while True:
-            with trio.move_on_after(1.0):
-                await self._http_stop.wait()
-            entries, since = self.record.query(Query(since=since, limit=self.record.size or 1))
-            if entries:
-                text = json_lines(entries)
-                try:
-                    await trio.to_thread.run_sync(_append_text, path, text)
-                except OSError as exc:
-                    self.log.warning("message_record_file_failed", path=str(path), error=str(exc))
-            if self._http_stop.is_set():
-                return
+        try:
+            while not self._http_stop.is_set():
+                with trio.move_on_after(1.0):
+                    await self._http_stop.wait()
+                since = await self._append_record(path, since)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._append_record(path, since)
+
+    async def _append_record(self, path: Path, since: int) -> int:
+        """Append the entries after ``since`` to ``path``; the new ``since``."""
+        entries, newest = self.record.query(Query(since=since, limit=self.record.size or 1))
+        if not entries:
+            return newest
+        try:
+            await trio.to_thread.run_sync(_append_text, path, json_lines(entries))
+        except OSError as exc:
+            self.log.warning("message_record_file_failed", path=str(path), error=str(exc))
+        return newest
 
     async def _run_server(self, *, task_status: trio.TaskStatus[int]) -> None:
         try:
